@@ -26,3 +26,39 @@ def tiny_sdxl_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_blip_path(tmp_path_factory):
     return tiny_models.save_tiny_blip(str(tmp_path_factory.mktemp("tiny") / "blip"))
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def launch_command(launcher, script, num_processes=1):
+    """The command line that starts a training script the way users do."""
+    import sys
+
+    script = os.path.join(REPO_ROOT, script)
+    if launcher == "python":
+        return [sys.executable, script]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes), script]
+    raise ValueError(launcher)
+
+
+def run_script(launcher, script, args, num_processes=1, timeout=600, check=True):
+    """Run a training script in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
+    import subprocess
+
+    result = subprocess.run(
+        launch_command(launcher, script, num_processes) + [str(a) for a in args],
+        env=script_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited with {result.returncode}:\n{result.stdout[-6000:]}")
+    return result

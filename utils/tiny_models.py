@@ -271,12 +271,105 @@ def save_tiny_blip(path, seed=0, image_size=32):
     return path
 
 
+def save_tiny_grounding_dino(path, seed=0):
+    """A tiny ``GroundingDinoForObjectDetection`` (Swin backbone built by transformers, BERT uncased text side) with
+    its processor, as ``IDEA-Research/grounding-dino-tiny`` lays it out. Images are resized to shortest side 64 and the
+    backbone patches are 2 px, so that the coarsest of the four feature levels (1/32 of the image) still holds more
+    than one value per GroupNorm group when a single square image is detected."""
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+    )
+
+    tokenizer = BertTokenizer(vocab=bert_vocab_file(), do_lower_case=True)
+    backbone_config = dict(
+        model_type="swin",
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=2,
+        patch_size=2,
+        out_indices=[2, 3, 4],
+    )
+    text_config = dict(
+        model_type="bert",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone_config,
+        text_config=text_config,
+        d_model=32,  # the model's GroupNorm layers use 32 groups
+        encoder_layers=1,
+        decoder_layers=2,  # the per-layer box heads are tied to the first one; with one layer the tying fails
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=1,
+        decoder_n_points=1,
+        num_queries=8,
+    )
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(config).save_pretrained(path)
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def save_tiny_sam(path, seed=0, image_size=32):
+    """A tiny ``SamModel`` with its processor, as the ``facebook/sam-vit-*`` repos lay it out: images are resized to
+    longest side ``image_size`` and padded to a square; masks come out at ``image_size // 2``."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    patch_size = 8
+    prompt_size = 16  # SAM's prompt encoder, mask decoder and vision neck share one width
+    config = SamConfig(
+        vision_config=dict(
+            hidden_size=16,
+            output_channels=prompt_size,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_dim=32,
+            image_size=image_size,
+            patch_size=patch_size,
+            window_size=2,
+            global_attn_indexes=[1],
+            num_pos_feats=prompt_size // 2,
+        ),
+        prompt_encoder_config=dict(
+            hidden_size=prompt_size, image_size=image_size, patch_size=patch_size, mask_input_channels=4
+        ),
+        mask_decoder_config=dict(hidden_size=prompt_size, mlp_dim=32, num_attention_heads=2, iou_head_hidden_dim=16),
+    )
+    torch.manual_seed(seed)
+    SamModel(config).save_pretrained(path)
+    # SAM's mask inputs live at 4x the image-embedding resolution, like 256 for 1024 / 16
+    mask_edge = 4 * image_size // patch_size
+    image_processor = SamImageProcessor(
+        size={"longest_edge": image_size},
+        pad_size={"height": image_size, "width": image_size},
+        mask_size={"longest_edge": mask_edge},
+        mask_pad_size={"height": mask_edge, "width": mask_edge},
+    )
+    SamProcessor(image_processor=image_processor).save_pretrained(path)
+    return path
+
+
 def build_all(output_dir, seed=0):
     """Every tiny model the scripts need, one sub-folder each; returns their paths by role."""
     paths = {
         "sd": save_tiny_sd(os.path.join(output_dir, "sd"), seed),
         "sdxl": save_tiny_sdxl(os.path.join(output_dir, "sdxl"), seed),
         "blip": save_tiny_blip(os.path.join(output_dir, "blip"), seed),
+        "grounding_dino": save_tiny_grounding_dino(os.path.join(output_dir, "grounding_dino"), seed),
+        "sam": save_tiny_sam(os.path.join(output_dir, "sam"), seed),
     }
     return paths
 

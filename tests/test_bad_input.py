@@ -1,0 +1,58 @@
+"""Bad input to train_comat.py: a clear message naming the flag, never a traceback alone or a corrupt output."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_script
+from test_train_comat import tiny_args
+
+SCRIPT = "train_comat.py"
+
+
+def _fails_with(args, message):
+    result = run_script("python", SCRIPT, args, check=False)
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert message in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    return result
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"resolution": 100}, "--resolution 100 is not a multiple of 8"),
+        ({"num_grad_steps": 5, "num_inference_steps": 4}, "--num_grad_steps 5 must be between 1 and --num_inference_steps"),
+        ({"train_data": "/nonexistent/prompts.txt"}, "--train_data"),
+        ({"caption_model_name_or_path": "Salesforce/blip-image-captioning-large"}, "Could not load --caption_model_name_or_path"),
+        ({"pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "Could not load --pretrained_model_name_or_path"),
+    ],
+)
+def test_bad_flags(tiny_sd_path, tiny_blip_path, tmp_path, overrides, message):
+    args = tiny_args(tiny_sd_path, tiny_blip_path, str(tmp_path / "out"), **overrides)
+    _fails_with(args, message)
+    assert not os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+
+
+def test_empty_train_data(tiny_sd_path, tiny_blip_path, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    _fails_with(tiny_args(tiny_sd_path, tiny_blip_path, str(tmp_path / "out"), train_data=str(empty)), "contains no prompts")
+
+
+def test_sdxl_checkpoint_points_to_the_sdxl_script(tiny_sd_path, tiny_blip_path, tiny_sdxl_path, tmp_path):
+    args = tiny_args(tiny_sdxl_path, tiny_blip_path, str(tmp_path / "out"))
+    _fails_with(args, "train_comat_sdxl.py")
+
+
+def test_long_prompts_are_truncated_with_one_warning(tiny_sd_path, tiny_blip_path, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    long_prompt = "a red book and a yellow vase " * 20
+    with open(prompts, "w") as f:
+        for prompt in [long_prompt, "a green apple", long_prompt + "on a table"]:
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+    result = run_script("python", SCRIPT, tiny_args(tiny_sd_path, tiny_blip_path, str(tmp_path / "out"), train_data=str(prompts), max_train_steps=1, train_batch_size=3))
+    assert result.stdout.count("longer than the text encoder's 77 tokens") == 1
+    assert "2 of 3 prompts" in result.stdout
+    assert os.path.isfile(tmp_path / "out" / "pytorch_lora_weights.safetensors")

@@ -1,0 +1,149 @@
+"""train_comat.py end to end: launched as users launch it, on tiny models, offline."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, launch_command, run_script, script_env
+
+SCRIPT = "train_comat.py"
+
+
+def tiny_args(sd_path, blip_path, output_dir, **overrides):
+    args = {
+        "pretrained_model_name_or_path": sd_path,
+        "caption_model_name_or_path": blip_path,
+        "output_dir": output_dir,
+        "resolution": 64,
+        "train_batch_size": 2,
+        "num_inference_steps": 4,
+        "num_grad_steps": 2,
+        "max_train_steps": 4,
+        "rank": 4,
+        "learning_rate": 1e-3,
+        "report_to": "none",
+        "seed": 3,
+    }
+    args.update(overrides)
+    flat = []
+    for key, value in args.items():
+        if value is True:
+            flat.append(f"--{key}")
+        elif value is not None and value is not False:
+            flat += [f"--{key}", str(value)]
+    return flat
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_sd_path, tiny_blip_path, tmp_path_factory):
+    """One accelerate-launched run with checkpoints at steps 2 and 4 (shared by the tests below)."""
+    output_dir = str(tmp_path_factory.mktemp("run") / "out")
+    result = run_script("accelerate", SCRIPT, tiny_args(
+        tiny_sd_path, tiny_blip_path, output_dir, checkpointing_steps=2, gradient_checkpointing=True,
+        validation_prompt="a red book and a yellow vase", num_validation_images=1, validation_steps=100,
+    ))
+    return output_dir, result.stdout
+
+
+def test_lora_loads_into_stock_pipeline_and_changes_its_output(trained_run, tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    output_dir, _ = trained_run
+    assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe("a red book", num_inference_steps=3, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = generate()
+    pipe.load_lora_weights(output_dir)
+    with_lora = generate()
+    assert base.shape == with_lora.shape == (1, 64, 64, 3)
+    assert abs(base - with_lora).max() > 1e-4
+
+
+def test_model_card_checkpoints_and_validation_images(trained_run):
+    from huggingface_hub import ModelCard
+
+    output_dir, _ = trained_run
+    card = ModelCard.load(os.path.join(output_dir, "README.md"))
+    assert "comat" in card.data.tags and "lora" in card.data.tags
+    assert "load_lora_weights" in card.text
+    assert os.listdir(os.path.join(output_dir, "validation"))
+    # Step 4 is the last step: the final LoRA is written instead of a checkpoint.
+    assert sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint")) == ["checkpoint-2"]
+    checkpoint = os.path.join(output_dir, "checkpoint-2")
+    names = set(os.listdir(checkpoint))
+    assert {"pytorch_lora_weights.safetensors", "optimizer.safetensors", "lr_scheduler.json", "training_state.json", "rng_state_0.safetensors"} <= names
+    assert not any(n.endswith((".bin", ".pkl", ".pt")) for n in names)
+    assert json.load(open(os.path.join(checkpoint, "training_state.json")))["global_step"] == 2
+
+
+def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_sd_path, tiny_blip_path, tmp_path):
+    output_dir, _ = trained_run
+    resumed_dir = str(tmp_path / "resumed")
+    os.makedirs(resumed_dir)
+    shutil.copytree(os.path.join(output_dir, "checkpoint-2"), os.path.join(resumed_dir, "checkpoint-2"))
+    result = run_script("python", SCRIPT, tiny_args(
+        tiny_sd_path, tiny_blip_path, resumed_dir, checkpointing_steps=2, gradient_checkpointing=True,
+        resume_from_checkpoint="latest",
+    ))
+    assert "Resumed from" in result.stdout
+    uninterrupted = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+    resumed = load_file(os.path.join(resumed_dir, "pytorch_lora_weights.safetensors"))
+    assert uninterrupted.keys() == resumed.keys()
+    checkpointed = load_file(os.path.join(output_dir, "checkpoint-2", "pytorch_lora_weights.safetensors"))
+    assert any(not torch.equal(checkpointed[k], uninterrupted[k]) for k in uninterrupted)  # steps 3-4 trained
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
+
+
+def test_two_processes_keep_identical_lora(tiny_sd_path, tiny_blip_path, tmp_path):
+    output_dir = str(tmp_path / "ddp")
+    result = run_script("torchrun", SCRIPT, tiny_args(tiny_sd_path, tiny_blip_path, output_dir, max_train_steps=2), num_processes=2)
+    assert "2 processes" in result.stdout
+    assert "LoRA identical on 2 processes" in result.stdout
+    assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tiny_sd_path, tiny_blip_path, tmp_path):
+    output_dir = str(tmp_path / "preempted")
+    command = launch_command("python", SCRIPT) + tiny_args(tiny_sd_path, tiny_blip_path, output_dir, max_train_steps=1000, checkpointing_steps=1000)
+    process = subprocess.Popen(command, env=script_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in process.stdout:  # wait until training has started
+        log.append(line)
+        if "optimizer steps" in line:
+            break
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    log.append(process.communicate(timeout=300)[0])
+    assert process.returncode == 128 + signal.SIGTERM, "".join(log)[-3000:]
+    checkpoints = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and not checkpoints[0].endswith(".partial")
+    state = json.load(open(os.path.join(output_dir, checkpoints[0], "training_state.json")))
+    assert state["global_step"] >= 1
+    assert load_file(os.path.join(output_dir, checkpoints[0], "pytorch_lora_weights.safetensors"))
+
+
+def test_nonfinite_losses_skip_updates_then_abort_with_a_checkpoint(tiny_sd_path, tiny_blip_path, tmp_path):
+    output_dir = str(tmp_path / "nan")
+    # A huge learning rate blows the LoRA up after the first update; every later loss is non-finite.
+    result = run_script("python", SCRIPT, tiny_args(
+        tiny_sd_path, tiny_blip_path, output_dir, learning_rate=1e30, max_nonfinite_steps=2, max_train_steps=10,
+        adam_weight_decay=0.0,
+    ), check=False)
+    assert result.returncode != 0
+    assert "non-finite loss, update skipped" in result.stdout
+    assert "optimizer steps in a row had a non-finite loss" in result.stdout
+    checkpoints = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
+    assert checkpoints and os.path.isfile(os.path.join(output_dir, checkpoints[0], "training_state.json"))

@@ -1,0 +1,343 @@
+"""Training-loop machinery shared by ``train_comat.py`` and ``train_comat_sdxl.py``.
+
+Only what does not depend on the model family lives here: the command-line flags (each script
+passes its recipe's defaults), the resumable prompt order, gradient synchronisation across
+processes, the LoRA state in diffusers format, preemption handling and the non-finite-loss guard.
+
+Why the UNet is not wrapped in DDP: one frozen UNet carries the generator LoRA and, with
+Fidelity Preservation, the discriminator's LoRA as a second peft adapter; switching adapters changes
+which parameters take part in a backward pass, which DDP's reducer cannot follow. The trainable
+parameters are few (LoRA), so their gradients are all-reduced by hand in one flat buffer
+(:func:`all_reduce_gradients`) — the same averaging DDP would do, once per optimizer step.
+"""
+
+import argparse
+import logging
+import math
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from .hub import LORA_WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> argparse.ArgumentParser:
+    """The flags both scripts share; ``recipe`` holds the model family's defaults (see each script)."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Base model: a Hub id or a local diffusers pipeline folder.")
+    model.add_argument("--revision", type=str, default=None, help="Git revision (branch, tag or commit) of the base model on the Hub.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant of the base model files, e.g. 'fp16'.")
+    model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    model.add_argument("--rank", type=int, default=128, help="LoRA rank of the generator (recipe: 128).")
+    model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha; scale = alpha / rank. Default: = rank (the recipe's unscaled LoRA).")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data", type=str, default=None, help="Prompts: a .txt file (one a line), a .jsonl file with a 'prompt' field, or a Hugging Face dataset name/folder. Default: the built-in compositional prompt set.")
+    data.add_argument("--text_column", type=str, default=None, help="Column (or JSONL field) holding the prompt. Default: 'prompt', 'text' or 'caption'.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes for loading prompts (0: in the main process).")
+
+    output = parser.add_argument_group("output and logging")
+    output.add_argument("--output_dir", type=str, default=recipe["output_dir"], help="Where the LoRA, model card, checkpoints and logs are written.")
+    output.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir.")
+    output.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: 'tensorboard', 'wandb', 'all' or 'none'.")
+    output.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest removed first).")
+    output.add_argument("--resume_from_checkpoint", type=str, default=None, help="Resume from 'latest' (the newest complete checkpoint in --output_dir) or a checkpoint folder.")
+    output.add_argument("--validation_prompt", type=str, default=None, help="Prompt rendered every --validation_steps and at the end (TensorBoard/wandb and the model card).")
+    output.add_argument("--num_validation_images", type=int, default=4, help="Images generated per validation.")
+    output.add_argument("--validation_steps", type=int, default=100, help="Run validation every N optimizer steps (needs --validation_prompt).")
+    output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (LoRA + model card) to the Hub at the end.")
+    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id for --push_to_hub. Default: the --output_dir folder name.")
+    output.add_argument("--hub_token", type=str, default=None, help="Hub token for --push_to_hub. Prefer `huggingface-cli login` or HF_TOKEN: a token on the command line is visible to other users of the machine.")
+    output.add_argument("--hub_private", action="store_true", help="Create the Hub repo as private.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--seed", type=int, default=0, help="Seed of the LoRA initialisation, prompt order and sampling noise (a resumed run continues the same stream).")
+    optim.add_argument("--resolution", type=int, default=recipe["resolution"], help="Generated image size in pixels (a multiple of 8).")
+    optim.add_argument("--train_batch_size", type=int, default=recipe["train_batch_size"], help="Prompts per process per micro-step.")
+    optim.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps to train (recipe: 2000). Overrides --num_train_epochs.")
+    optim.add_argument("--num_train_epochs", type=int, default=None, help="Passes over the prompts; used only when --max_train_steps is not given.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps accumulated per optimizer step.")
+    optim.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations of gradient steps in backward (saves most of the memory; the recipe uses it).")
+    optim.add_argument("--learning_rate", type=float, default=recipe["learning_rate"], help="Generator LoRA learning rate.")
+    optim.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes × batch size × accumulation steps.")
+    optim.add_argument("--lr_scheduler", type=str, default="constant", help="diffusers LR schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 of the generator.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 of the generator.")
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay of the generator.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    optim.add_argument("--max_grad_norm", type=float, default=0.1, help="Gradient clipping of the generator (recipe: 0.1).")
+    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA only).")
+    optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Frozen weights in this dtype; LoRA weights stay fp32. Default: accelerate config.")
+    optim.add_argument("--max_nonfinite_steps", type=int, default=5, help="Abort (after saving a checkpoint) when this many optimizer steps in a row have a non-finite loss; each is skipped.")
+
+    sampling = parser.add_argument_group("online sampling (differentiable)")
+    sampling.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps T of each training sample (recipe: 50).")
+    sampling.add_argument("--num_grad_steps", type=int, default=5, help="Steps K of the T that run the UNet with gradient (recipe: 5).")
+    sampling.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale of training samples (recipe: 7.5).")
+    sampling.add_argument("--guidance_rescale", type=float, default=0.0, help="Guidance rescale (arXiv 2305.08891); 0 disables.")
+    sampling.add_argument("--sampler", type=str, default="ddpm", choices=["ddpm", "ddim"], help="Sampler of training samples (recipe: ddpm).")
+    sampling.add_argument("--detach_unet_input", action=argparse.BooleanOptionalAction, default=recipe["detach_unet_input"], help=f"Detach the UNet input at gradient steps (recipe: {'on' if recipe['detach_unet_input'] else 'off'} for this model family).")
+
+    concept = parser.add_argument_group("Concept Matching")
+    concept.add_argument("--caption_model_name_or_path", type=str, default="Salesforce/blip-image-captioning-large", help="Frozen BLIP captioner that scores the prompt given the image.")
+    concept.add_argument("--caption_prefix", type=str, default="a photography of", help="Text put before the prompt; its tokens are not scored.")
+    concept.add_argument("--caption_loss_weight", type=float, default=1.0, help="Weight of the caption loss.")
+    concept.add_argument("--caption_loss_reduction", type=str, default="mean", choices=["mean", "sum"], help="'mean': label-smoothed token cross-entropy over the batch (recipe); 'sum': -sum log p per prompt (paper formula).")
+    return parser
+
+
+def validate_args(args, parser):
+    """Reject bad flag combinations with messages that say what to change."""
+    if args.resolution % 8 != 0:
+        parser.error(f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples by 8): use e.g. {args.resolution // 8 * 8 or 8}.")
+    if not 1 <= args.num_grad_steps <= args.num_inference_steps:
+        parser.error(f"--num_grad_steps {args.num_grad_steps} must be between 1 and --num_inference_steps ({args.num_inference_steps}).")
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        parser.error("--hub_token together with --report_to wandb would expose the token in the run config: log in with `huggingface-cli login` (or set HF_TOKEN) instead.")
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        parser.error("Give --max_train_steps or --num_train_epochs.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be at least 1.")
+
+
+def warn_about_long_prompts(prompts, tokenizers):
+    """Prompts are truncated to each text encoder's window (77 tokens); say once how many are cut."""
+    for tokenizer in tokenizers:
+        lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
+        too_long = sum(length > tokenizer.model_max_length for length in lengths)
+        if too_long:
+            logger.warning(
+                f"{too_long} of {len(prompts)} prompts are longer than the text encoder's {tokenizer.model_max_length} "
+                f"tokens and will be truncated (the captioner still scores the whole prompt)."
+            )
+            return too_long
+    return 0
+
+
+def lora_config(rank, lora_alpha=None, target_modules=LORA_TARGET_MODULES):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=lora_alpha or rank, init_lora_weights="gaussian", target_modules=list(target_modules))
+
+
+def unet_lora_state_dict(unet, adapter_name="default"):
+    """The UNet's LoRA in diffusers' saved-LoRA key format (fp32 copies)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().float().cpu() for k, v in convert_state_dict_to_diffusers(state_dict).items()}
+
+
+def load_unet_lora(unet, pipeline_class, directory, adapter_name="default"):
+    """Load ``directory/pytorch_lora_weights.safetensors`` back into the UNet's trainable adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict = pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHTS_NAME)
+    if isinstance(state_dict, tuple):
+        state_dict = state_dict[0]
+    unet_state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state_dict), adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{directory}/{LORA_WEIGHTS_NAME} does not match this UNet's LoRA (unexpected keys, e.g. {result.unexpected_keys[:3]}); was it trained with another --rank or base model?")
+
+
+def lora_metadata(unet, adapter_name="default"):
+    """peft config of the adapter, saved with the weights so that loaders restore lora_alpha exactly."""
+    return unet.peft_config[adapter_name].to_dict()
+
+
+def trainable_parameters(module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def broadcast_parameters(params, accelerator):
+    """Make every process start from the main process's values (LoRA initialisation)."""
+    if accelerator.num_processes > 1:
+        for param in params:
+            dist.broadcast(param.data, src=0)
+
+
+def all_reduce_gradients(params, accelerator):
+    """Average gradients over processes in one flat buffer (what DDP would do)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for param, grad in zip(params, grads):
+        numel = grad.numel()
+        param.grad = flat[offset : offset + numel].view_as(grad).to(param.dtype)
+        offset += numel
+
+
+def check_replicas_in_sync(params, accelerator):
+    """Raise if the trainable parameters differ between processes (they must stay identical); log the result."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().float().flatten() for p in params])
+    gathered = [torch.empty_like(flat) for _ in range(accelerator.num_processes)]
+    dist.all_gather(gathered, flat)
+    max_difference = max((g - gathered[0]).abs().max().item() for g in gathered)
+    if max_difference > 0:
+        raise RuntimeError(f"The LoRA weights differ between processes (max difference {max_difference:g}).")
+    logger.info(f"LoRA identical on {accelerator.num_processes} processes.")
+
+
+def any_process(flag, accelerator):
+    """True on every process if ``flag`` is true on any (for decisions that all ranks must take together)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
+def sampling_generator(seed, micro_step, process_index, device="cpu"):
+    """A fresh generator per (seed, micro-step, process): the run's noise depends only on where it is,
+    so a resumed run draws exactly what an uninterrupted one would."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + micro_step) * 1_009 + process_index)
+    return generator
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Prompt indices in a seeded per-epoch order, split across processes, starting at any micro-step.
+
+    Each epoch is a fresh permutation (seed, epoch); micro-step ``s`` of process ``r`` takes the
+    ``(s * num_processes + r)``-th batch of it. The position is therefore just the micro-step count,
+    which the checkpoint stores.
+    """
+
+    def __init__(self, num_prompts, batch_size, num_processes, process_index, seed, start_micro_step=0):
+        if num_prompts < batch_size * num_processes:
+            raise ValueError(
+                f"--train_data has {num_prompts} prompts, fewer than one batch for every process "
+                f"({batch_size} × {num_processes}); add prompts or lower --train_batch_size."
+            )
+        self.num_prompts, self.batch_size = num_prompts, batch_size
+        self.num_processes, self.process_index = num_processes, process_index
+        self.seed, self.start_micro_step = seed, start_micro_step
+        self.micro_steps_per_epoch = num_prompts // (batch_size * num_processes)
+
+    def __len__(self):
+        return self.micro_steps_per_epoch
+
+    def epoch_order(self, epoch):
+        return torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+
+    def __iter__(self):
+        micro_step = self.start_micro_step
+        while True:
+            epoch, step_in_epoch = divmod(micro_step, self.micro_steps_per_epoch)
+            order = self.epoch_order(epoch)
+            start = (step_in_epoch * self.num_processes + self.process_index) * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+            micro_step += 1
+
+
+def total_train_steps(args, num_prompts, num_processes):
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    micro_steps_per_epoch = num_prompts // (args.train_batch_size * num_processes)
+    return math.ceil(args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps)
+
+
+class InterruptionHandler:
+    """Turns SIGTERM (cluster preemption) and SIGINT (Ctrl-C) into a flag the loop checks after each step,
+    so the run can save a checkpoint and exit instead of dying mid-write."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.received = signum
+        logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting.")
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Skips updates whose loss is NaN/inf and aborts after ``max_consecutive`` in a row."""
+
+    def __init__(self, max_consecutive):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total_skipped = 0
+
+    def check(self, loss_is_finite, global_step):
+        """Returns True if the update may be applied."""
+        if loss_is_finite:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total_skipped += 1
+        logger.warning(f"Step {global_step}: non-finite loss, update skipped ({self.consecutive} in a row).")
+        return False
+
+    @property
+    def exhausted(self):
+        return self.consecutive >= self.max_consecutive
+
+
+def make_accelerator(args):
+    """The run's Accelerator; several processes without CUDA run on CPU with gloo (accelerate needs
+    ``cpu=True`` to see a torchrun/``--multi_gpu`` launch on a machine without GPUs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    multi_process_without_cuda = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        cpu=multi_process_without_cuda,
+    )
+
+
+def configure_logging(accelerator):
+    # Progress is reported once, by the main process; the others speak only to warn.
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=level)
+    import diffusers
+    import transformers
+
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
