@@ -48,6 +48,16 @@ SDXL_UNET_CONFIG = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # The tiny models are far too small to gain from intra-op threads, and on the shared CI cores the
+    # thread synchronisation makes them many times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def sd_inputs(batch_size=4, seed=0):
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch_size, 4, 16, 16, generator=generator)
@@ -327,8 +337,8 @@ def test_gradients_from_maps_reach_lora_weights():
         for projection in ("to_q", "to_k"):
             gradients = lora_gradients(unet, layer.name, projection)
             assert len(gradients) == 2 and all(g is not None and g.abs().sum() > 0 for g in gradients)
-        # The map does not depend on the layer's own value/output projections.
-        assert all(g is None for g in lora_gradients(unet, layer.name, "to_v"))
+    # The last captured layer's value projection only acts after every map has been computed.
+    assert all(g is None for g in lora_gradients(unet, store.layers[-1].name, "to_v"))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

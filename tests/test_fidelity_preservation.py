@@ -32,6 +32,16 @@ LAST_TIMESTEP = 1
 LATENT_SHAPE = (4, 8, 8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_intra_op_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared CPU two spinning threads make
+    # a UNet call ~20x slower; restored so other test files keep the session setting.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _randomize_lora_b(unet, adapter_name, seed, std=0.1):
     # init_lora_weights="gaussian" only draws lora_A; lora_B starts at zero, so the adapter would be a no-op.
     generator = torch.Generator().manual_seed(seed)
@@ -111,7 +121,7 @@ def test_discriminator_learns_to_separate_real_from_fake_latents():
     unet = _generator_unet()
     discriminator = UNetDiscriminator.from_unet(unet, rank=4)
     discriminator.requires_grad_(True)
-    optimizer = torch.optim.AdamW(discriminator.trainable_parameters(), lr=1e-2, betas=(0.0, 0.999))
+    optimizer = torch.optim.AdamW(discriminator.trainable_parameters(), lr=3e-2, betas=(0.0, 0.999))
     empty = _empty_prompt_embedding(4)
 
     losses, accuracies = [], []
@@ -125,7 +135,8 @@ def test_discriminator_learns_to_separate_real_from_fake_latents():
         losses.append(loss.item())
         accuracies.append(discriminator_accuracy(real_logits, fake_logits))
 
-    assert losses[-1] < 0.2 * losses[0], losses
+    assert losses[-1] < 0.4 * losses[0], losses
+    assert sum(accuracies[0]).item() < 1.5, accuracies[0]  # one class is mostly wrong before training
     accuracy_real, accuracy_fake = accuracies[-1]
     assert accuracy_real.item() > 0.95 and accuracy_fake.item() > 0.95
 

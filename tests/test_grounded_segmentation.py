@@ -93,7 +93,8 @@ def test_batch_gives_the_masks_of_images_one_by_one(detect_everything, images):
         torch.testing.assert_close(detect_everything(image[None], [image_nouns])[0], batch_masks)
 
 
-def test_padding_boxes_do_not_change_sam_masks(detect_everything, images):
+def test_sam_masks_of_a_batch_match_images_one_by_one(detect_everything, images):
+    # the images have different numbers of boxes, and each box must be decoded with its own image's embedding
     boxes = [torch.tensor([[0.5, 0.5, 0.6, 0.4]]), torch.tensor([[0.3, 0.4, 0.2, 0.5], [0.7, 0.5, 0.5, 0.9]])]
     together = detect_everything._segment(images[:2], boxes, (HEIGHT, WIDTH))
     for image, image_boxes, image_masks in zip(images[:2], boxes, together):

@@ -6,9 +6,9 @@ transformers and are frozen; the images arrive as tensors in [0, 1] straight fro
 done in torch with the values of the saved processor configs (no PIL round trip, no torchvision).
 
 Per batch of images the segmenter runs one GroundingDINO forward (each image has its own caption; captions are padded
-with the tokenizer and masked with its attention mask) and one SAM forward: SAM takes a fixed number of boxes per
-image, so every image's box list is padded to the longest one by repeating its first box, and the masks of the
-padding boxes are dropped (SAM decodes each box independently, so they do not change the real masks).
+with the tokenizer and masked with its attention mask) and SAM once: its vision encoder on the images that have
+boxes, then its prompt encoder and mask decoder on all boxes of the batch together, each box with its image's
+embedding (SAM's own batching takes as many boxes for every image, which would mean padding; this does not).
 
 Phrase → noun rule. The caption is the nouns joined as ``"noun1 . noun2 ."`` (lower-cased), the GroundingDINO
 convention that makes each noun a phrase of its own. A query is kept as a box if its highest token score exceeds
@@ -361,30 +361,26 @@ class GroundedSegmenter:
     def _segment(
         self, pixels: torch.Tensor, boxes: list[torch.Tensor], mask_size: tuple[int, int]
     ) -> list[torch.Tensor]:
-        """One SAM forward for the boxes (normalised cxcywh) of all images: per image, each box's bool mask
-        ``[N_b, *mask_size]``."""
-        sam_pixels, resized_size = sam_pixel_values(pixels, self.sam_image_processor)
+        """SAM on the boxes (normalised cxcywh) of all images: per image, each box's bool mask ``[N_b, *mask_size]``.
 
-        # SAM takes as many boxes for every image: pad with copies of the first box and drop their masks below
+        The vision encoder runs once on the batch; the prompt encoder and mask decoder then run once on all boxes,
+        each box paired with its image's embedding, so images with few boxes cost no padding.
+        """
+        sam_pixels, resized_size = sam_pixel_values(pixels, self.sam_image_processor)
+        image_embeddings = self.sam_model.get_image_embeddings(sam_pixels.to(self.sam_model.dtype))
+
         box_counts = [len(image_boxes) for image_boxes in boxes]
-        padded_boxes = torch.stack(
-            [
-                torch.cat([image_boxes, image_boxes[:1].expand(max(box_counts) - len(image_boxes), 4)])
-                for image_boxes in boxes
-            ]
+        image_of_box = torch.arange(len(boxes), device=self.device).repeat_interleave(
+            torch.tensor(box_counts, device=self.device)
         )
-        sam_boxes = normalized_cxcywh_to_xyxy(padded_boxes, *resized_size)
+        sam_boxes = normalized_cxcywh_to_xyxy(torch.cat(boxes), *resized_size)
         outputs = self.sam_model(
-            pixel_values=sam_pixels.to(self.sam_model.dtype),
-            input_boxes=sam_boxes.to(self.sam_model.dtype),
+            image_embeddings=image_embeddings[image_of_box],
+            input_boxes=sam_boxes.unsqueeze(1).to(self.sam_model.dtype),
             multimask_output=True,
         )
-        # outputs.pred_masks: [B, boxes, candidates, h, w]; keep the candidate with the best predicted IoU
-        best = outputs.iou_scores.argmax(dim=-1)
-        low_res_logits = outputs.pred_masks.gather(
-            2, best[..., None, None, None].expand(-1, -1, 1, *outputs.pred_masks.shape[-2:])
-        ).squeeze(2)
-        return [
-            sam_logits_to_masks(image_logits[:count], sam_pixels.shape[-2:], resized_size, mask_size)
-            for image_logits, count in zip(low_res_logits, box_counts)
-        ]
+        # pred_masks: [boxes, 1, candidates, h, w]; keep the candidate with the best predicted IoU
+        candidate_logits, candidate_ious = outputs.pred_masks[:, 0], outputs.iou_scores[:, 0]
+        low_res_logits = candidate_logits[torch.arange(len(candidate_logits)), candidate_ious.argmax(dim=-1)]
+        masks = sam_logits_to_masks(low_res_logits, sam_pixels.shape[-2:], resized_size, mask_size)
+        return list(masks.split(box_counts))
