@@ -13,8 +13,9 @@ enabled, as at a gradient step of CoMat's online sampler, for four attention set
 Each set-up is timed for a forward pass and for forward + backward (LoRA of rank ``--lora_rank`` on
 to_q/to_k/to_v/to_out.0 as the only trainable weights; with capture on, the loss also includes the maps).
 Models: the tiny test UNet and the full SD1.5 UNet architecture (random weights, built from its config).
-Rounds interleave the set-ups so that load drift on shared machines hits them alike; medians are reported
-with their ratio to ``sdpa``. On CUDA the peak allocated memory is reported too.
+Rounds interleave the set-ups so that load drift on shared machines hits them alike; medians of wall time
+and of process CPU time are reported with their ratio to ``sdpa``. On CUDA the peak allocated memory is
+reported too.
 
 Example::
 
@@ -77,6 +78,7 @@ def parse_args():
     parser.add_argument("--gradient_checkpointing", action="store_true", help="As the recipe's gradient steps.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds before the timed ones.")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (each runs every set-up once).")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="Write the results as JSON to this path.")
     return parser.parse_args()
@@ -84,7 +86,9 @@ def parse_args():
 
 def build_unet(model, args, dtype):
     torch.manual_seed(args.seed)
-    unet = MODELS[model][0]().to(args.device, dtype)
+    unet = MODELS[model][0]().to(args.device)
+    if dtype != torch.float32:
+        unet.to(dtype=dtype)
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -110,7 +114,11 @@ def synchronize(device):
 
 
 def run_once(unet, inputs, variant, mode, layer_spec, args):
-    """One timed UNet call (and backward) under one attention set-up; returns (seconds, peak bytes or None)."""
+    """One timed UNet call (and backward) under one attention set-up.
+
+    Returns wall seconds, process CPU seconds (less sensitive than wall time to other processes on a shared
+    CPU) and the peak allocated CUDA memory in bytes (None on CPU).
+    """
     unet.set_attn_processor(AttnProcessor() if variant == "explicit_all" else AttnProcessor2_0())
     store = None
     if variant in ("capture_idle", "capture_on"):
@@ -120,7 +128,7 @@ def run_once(unet, inputs, variant, mode, layer_spec, args):
     if is_cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
     synchronize(args.device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if variant == "capture_on":
         with store.capturing():
             sample = unet(*inputs).sample
@@ -132,11 +140,11 @@ def run_once(unet, inputs, variant, mode, layer_spec, args):
             loss = loss + sum(m[..., 1].float().mean() for maps in store.maps.values() for m in maps)
         loss.backward()
     synchronize(args.device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     peak = torch.cuda.max_memory_allocated(args.device) if is_cuda else None
     if store is not None:
         remove_attention_capture(unet, store)
-    return seconds, peak
+    return seconds, cpu_seconds, peak
 
 
 def benchmark_model(model, args):
@@ -147,17 +155,21 @@ def benchmark_model(model, args):
     results = []
     for mode in MODES:
         times = {variant: [] for variant in VARIANTS}
+        cpu_times = {variant: [] for variant in VARIANTS}
         peaks = {variant: [] for variant in VARIANTS}
         for round_index in range(args.warmup + args.rounds):
             for variant in VARIANTS:
-                seconds, peak = run_once(unet, inputs, variant, mode, layer_spec, args)
+                seconds, cpu_seconds, peak = run_once(unet, inputs, variant, mode, layer_spec, args)
                 if round_index >= args.warmup:
                     times[variant].append(seconds)
+                    cpu_times[variant].append(cpu_seconds)
                     if peak is not None:
                         peaks[variant].append(peak)
         baseline = statistics.median(times["sdpa"])
+        cpu_baseline = statistics.median(cpu_times["sdpa"])
         for variant in VARIANTS:
             median = statistics.median(times[variant])
+            cpu_median = statistics.median(cpu_times[variant])
             results.append(
                 dict(
                     model=model,
@@ -167,6 +179,9 @@ def benchmark_model(model, args):
                     times_s=times[variant],
                     median_s=median,
                     ratio_vs_sdpa=median / baseline,
+                    cpu_times_s=cpu_times[variant],
+                    cpu_median_s=cpu_median,
+                    cpu_ratio_vs_sdpa=cpu_median / cpu_baseline,
                     peak_memory_mib=max(peaks[variant]) / 2**20 if peaks[variant] else None,
                 )
             )
@@ -175,19 +190,24 @@ def benchmark_model(model, args):
 
 
 def print_table(results):
-    header = f"{'model':<6} {'mode':<17} {'variant':<13} {'median s':>9} {'vs sdpa':>8} {'peak MiB':>9}"
+    header = (
+        f"{'model':<6} {'mode':<17} {'variant':<13} {'wall s':>8} {'vs sdpa':>8} {'cpu s':>8} {'vs sdpa':>8} "
+        f"{'peak MiB':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in results:
         peak = f"{row['peak_memory_mib']:.0f}" if row["peak_memory_mib"] is not None else "-"
         print(
-            f"{row['model']:<6} {row['mode']:<17} {row['variant']:<13} {row['median_s']:>9.4f} "
-            f"{row['ratio_vs_sdpa']:>7.3f}x {peak:>9}"
+            f"{row['model']:<6} {row['mode']:<17} {row['variant']:<13} {row['median_s']:>8.3f} "
+            f"{row['ratio_vs_sdpa']:>7.3f}x {row['cpu_median_s']:>8.3f} {row['cpu_ratio_vs_sdpa']:>7.3f}x {peak:>9}"
         )
 
 
 def main():
     args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.resolution % (VAE_SCALE_FACTOR * 8):
         raise ValueError("--resolution must be a multiple of 64 (latents divisible by the UNet's 3 downsamplings).")
     results = []

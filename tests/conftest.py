@@ -10,8 +10,6 @@ import torch  # noqa: E402
 
 from utils import tiny_models  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
@@ -26,6 +24,21 @@ def tiny_sdxl_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_blip_path(tmp_path_factory):
     return tiny_models.save_tiny_blip(str(tmp_path_factory.mktemp("tiny") / "blip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_grounding_dino_path(tmp_path_factory):
+    return tiny_models.save_tiny_grounding_dino(str(tmp_path_factory.mktemp("tiny") / "grounding_dino"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_path(tmp_path_factory):
+    return tiny_models.save_tiny_sam(str(tmp_path_factory.mktemp("tiny") / "sam"))
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_sd_path, tiny_sdxl_path, tiny_blip_path, tiny_grounding_dino_path, tiny_sam_path):
+    return {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path, "blip": tiny_blip_path, "grounding_dino": tiny_grounding_dino_path, "sam": tiny_sam_path}
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

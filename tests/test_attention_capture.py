@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
+from torch.utils.checkpoint import checkpoint
 
 from utils.attention_capture import (
     SD_DEFAULT_ATTENTION_LAYERS,
@@ -164,7 +165,9 @@ def test_spec_selecting_no_layer_lists_available_pairs():
 def test_processors_only_on_selected_layers_and_removal_restores():
     unet = tiny_sd_unet()
     custom = AttnProcessor()
-    unet.set_attn_processor({**unet.attn_processors, "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor": custom})
+    unet.set_attn_processor(
+        {**unet.attn_processors, "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor": custom}
+    )
     before = dict(unet.attn_processors)
 
     store = install_attention_capture(unet, "mid,up:64", RESOLUTION)
@@ -225,7 +228,9 @@ def record_layer_calls(unet, layer_names):
     return calls, handles
 
 
-@pytest.mark.parametrize("cond_half, batch_size, cond", [("second", 4, slice(2, 4)), ("first", 4, slice(0, 2)), ("all", 3, slice(0, 3))])
+@pytest.mark.parametrize(
+    "cond_half, batch_size, cond", [("second", 4, slice(2, 4)), ("first", 4, slice(0, 2)), ("all", 3, slice(0, 3))]
+)
 def test_captured_maps_are_the_layers_attention(cond_half, batch_size, cond):
     unet = tiny_sd_unet()
     add_lora(unet)
@@ -238,9 +243,11 @@ def test_captured_maps_are_the_layers_attention(cond_half, batch_size, cond):
         handle.remove()
 
     modules = dict(unet.named_modules())
-    captured = dict(zip([layer.name for layer in store.layers], [m for maps in store.maps.values() for m in maps]))
-    # Maps are grouped in UNet order, so zipping with the layers in UNet order pairs each map with its layer.
+    # The selected groups are contiguous in the UNet and each group's maps are in call order, so the maps
+    # flattened over groups pair up with the layers in UNet order.
     assert [layer.group for layer in store.layers] == [g for g, maps in store.maps.items() for _ in maps]
+    flat_maps = [m for maps in store.maps.values() for m in maps]
+    captured = {layer.name: m for layer, m in zip(store.layers, flat_maps, strict=True)}
     for layer in store.layers:
         attn = modules[layer.name]
         hidden_states, encoder_hidden_states, output = calls[layer.name]
@@ -263,13 +270,31 @@ def test_captured_maps_are_the_layers_attention(cond_half, batch_size, cond):
         torch.testing.assert_close(output[cond], layer_output)
 
 
+def test_captured_maps_honour_text_attention_mask_and_upcast():
+    unet = UNet2DConditionModel.from_config({**tiny_sd_unet().config, "upcast_attention": True})
+    latents, timestep, text = sd_inputs()
+    keep = torch.ones(4, TOKENS)
+    keep[:, -2:] = 0.0  # padding tokens the text encoder marked as such
+    stock = unet(latents, timestep, text, encoder_attention_mask=keep).sample
+    store = install_attention_capture(unet, "up:64", RESOLUTION)
+    with store.capturing():
+        captured = unet(latents, timestep, text, encoder_attention_mask=keep).sample
+    assert torch.equal(captured, stock)
+    for attention_map in store.maps[("up", 64)]:
+        assert attention_map[..., -2:].abs().max() == 0.0
+        torch.testing.assert_close(attention_map.sum(-1), torch.ones(attention_map.shape[:-1]))
+
+
 def test_sdxl_capture():
     unet = tiny_sdxl_unet()
     store = install_attention_capture(unet, "mid,up", RESOLUTION)
     generator = torch.Generator().manual_seed(0)
     text = torch.randn(2, TOKENS, unet.config.cross_attention_dim, generator=generator)
     pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, pooled_dim, generator=generator), "time_ids": torch.randn(2, 6, generator=generator)}
+    added = {
+        "text_embeds": torch.randn(2, pooled_dim, generator=generator),
+        "time_ids": torch.randn(2, 6, generator=generator),
+    }
     with store.capturing():
         unet(torch.randn(2, 4, 16, 16, generator=generator), torch.tensor(10), text, added_cond_kwargs=added)
     assert {group: [tuple(m.shape) for m in maps] for group, maps in store.maps.items()} == {
@@ -343,21 +368,29 @@ def test_gradients_from_maps_reach_lora_weights():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     latents, timestep, text = sd_inputs()
-    gradients = []
-    for checkpointing in (False, True):
+
+    def gradients(checkpointing):
         unet = tiny_sd_unet()
         add_lora(unet)
-        if checkpointing:
+        if checkpointing == "diffusers":  # per transformer/resnet block, as enable_gradient_checkpointing does
             unet.enable_gradient_checkpointing()
         unet.train()
         store = install_attention_capture(unet, "mid,up", RESOLUTION)
         with store.capturing():
-            sample = unet(latents, timestep, text).sample
+            if checkpointing == "whole_unet":  # one non-reentrant checkpoint around the UNet call
+                sample = checkpoint(lambda x: unet(x, timestep, text).sample, latents, use_reentrant=False)
+            else:
+                sample = unet(latents, timestep, text).sample
+        # Backward after capturing(), as in training: the recomputation runs the non-capturing path.
         (sample.square().mean() + map_loss(store)).backward()
-        gradients.append({n: p.grad for n, p in unet.named_parameters() if "lora_" in n})
-    assert gradients[0].keys() == gradients[1].keys()
-    for name, gradient in gradients[0].items():
-        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+        return {n: p.grad for n, p in unet.named_parameters() if "lora_" in n}
+
+    reference = gradients(None)
+    for checkpointing in ("diffusers", "whole_unet"):
+        checkpointed = gradients(checkpointing)
+        assert checkpointed.keys() == reference.keys()
+        for name, gradient in reference.items():
+            torch.testing.assert_close(checkpointed[name], gradient, msg=f"{checkpointing}: {name}")
 
 
 def test_clear_releases_captured_graph():

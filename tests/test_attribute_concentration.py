@@ -90,7 +90,9 @@ def test_pixel_loss_with_all_zero_mask():
     masks = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     entity_0 = -(math.log(0.85) + math.log(0.55) + math.log(1 - 0.65) + math.log(1 - 0.70)) / 4
     entity_1 = -(math.log(1 - 0.15) + math.log(1 - 0.45) + math.log(1 - 0.35) + math.log(1 - 0.30)) / 4
-    assert pixel_loss(MEAN_ATTENTION, masks, TOKEN_POSITIONS).item() == pytest.approx((entity_0 + entity_1) / 2, rel=1e-6)
+    assert pixel_loss(MEAN_ATTENTION, masks, TOKEN_POSITIONS).item() == pytest.approx(
+        (entity_0 + entity_1) / 2, rel=1e-6
+    )
 
 
 def test_pixel_loss_clamps_saturated_attention():
@@ -103,6 +105,18 @@ def test_pixel_loss_clamps_saturated_attention():
     assert torch.isfinite(loss)
     # (float32 rounds 1 - 1e-6, hence the tolerance)
     assert loss.item() == pytest.approx((3 / 4 + 2 / 4) / 2 * -math.log(1e-6), rel=2e-3)
+
+
+def test_losses_are_float32_under_autocast():
+    # Under autocast a matmul would run in bfloat16, where the pixel loss clamp 1 - 1e-6 rounds to 1.
+    mean_attention = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    expected_token = token_loss(ATTENTION, MASKS, TOKEN_POSITIONS)
+    expected_pixel = pixel_loss(mean_attention, MASKS, TOKEN_POSITIONS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_token = token_loss(ATTENTION, MASKS, TOKEN_POSITIONS)
+        autocast_pixel = pixel_loss(mean_attention, MASKS, TOKEN_POSITIONS)
+    assert autocast_token.dtype == autocast_pixel.dtype == torch.float32
+    assert torch.equal(autocast_token, expected_token) and torch.equal(autocast_pixel, expected_pixel)
 
 
 def test_losses_without_entities_are_zero():
@@ -144,7 +158,10 @@ def random_maps(batch, heads, side, tokens, generator):
 def test_batch_reduction_sums_maps_groups_and_steps():
     generator = torch.Generator().manual_seed(0)
     steps = [
-        {("mid", 8): [random_maps(2, 2, 2, 5, generator)], ("up", 16): [random_maps(2, 2, 4, 5, generator) for _ in range(2)]}
+        {
+            ("mid", 8): [random_maps(2, 2, 2, 5, generator)],
+            ("up", 16): [random_maps(2, 2, 4, 5, generator) for _ in range(2)],
+        }
         for _ in range(2)
     ]
     masks = torch.zeros(2, 8, 8)
@@ -167,7 +184,9 @@ def test_batch_reduction_sums_maps_groups_and_steps():
 
     # The convention: repeating a group's maps doubles its token loss but leaves its pixel loss unchanged.
     doubled = [{group: maps + maps for group, maps in step.items()} for step in steps]
-    doubled_token, doubled_pixel = attribute_concentration_losses(doubled, [masks, torch.zeros(0, 8, 8)], [positions, []])
+    doubled_token, doubled_pixel = attribute_concentration_losses(
+        doubled, [masks, torch.zeros(0, 8, 8)], [positions, []]
+    )
     torch.testing.assert_close(doubled_token, 2 * token)
     torch.testing.assert_close(doubled_pixel, pixel)
 
@@ -194,7 +213,9 @@ def test_batch_reduction_checks_its_inputs():
 
 def test_gradients_flow_into_lora_through_captured_maps():
     unet = tiny_sd_unet()
-    unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"))
+    unet.add_adapter(
+        LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
+    )
     store = install_attention_capture(unet, "mid,up", resolution=128)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)  # CFG batch [uncond; cond]
@@ -210,7 +231,9 @@ def test_gradients_flow_into_lora_through_captured_maps():
     assert torch.isfinite(token) and torch.isfinite(pixel) and token > 0 and pixel > 0
 
     captured_query_lora = [
-        p for n, p in unet.named_parameters() if "lora_B" in n and ".attn2.to_q." in n and not n.startswith("down_blocks")
+        p
+        for n, p in unet.named_parameters()
+        if "lora_B" in n and ".attn2.to_q." in n and not n.startswith("down_blocks")
     ]
     for loss in (token, pixel):
         unet.zero_grad()

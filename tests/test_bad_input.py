@@ -29,30 +29,30 @@ def _fails_with(args, message):
         ({"pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "Could not load --pretrained_model_name_or_path"),
     ],
 )
-def test_bad_flags(tiny_sd_path, tiny_blip_path, tmp_path, overrides, message):
-    args = tiny_args(tiny_sd_path, tiny_blip_path, str(tmp_path / "out"), **overrides)
+def test_bad_flags(tiny_paths, tmp_path, overrides, message):
+    args = tiny_args(tiny_paths, str(tmp_path / "out"), **overrides)
     _fails_with(args, message)
     assert not os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
 
 
-def test_empty_train_data(tiny_sd_path, tiny_blip_path, tmp_path):
+def test_empty_train_data(tiny_paths, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    _fails_with(tiny_args(tiny_sd_path, tiny_blip_path, str(tmp_path / "out"), train_data=str(empty)), "contains no prompts")
+    _fails_with(tiny_args(tiny_paths, str(tmp_path / "out"), train_data=str(empty)), "contains no prompts")
 
 
-def test_sdxl_checkpoint_points_to_the_sdxl_script(tiny_sd_path, tiny_blip_path, tiny_sdxl_path, tmp_path):
-    args = tiny_args(tiny_sdxl_path, tiny_blip_path, str(tmp_path / "out"))
+def test_sdxl_checkpoint_points_to_the_sdxl_script(tiny_paths, tmp_path):
+    args = tiny_args(tiny_paths, base="sdxl", output_dir=str(tmp_path / "out"))
     _fails_with(args, "train_comat_sdxl.py")
 
 
-def test_long_prompts_are_truncated_with_one_warning(tiny_sd_path, tiny_blip_path, tmp_path):
+def test_long_prompts_are_truncated_with_one_warning(tiny_paths, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     long_prompt = "a red book and a yellow vase " * 20
     with open(prompts, "w") as f:
         for prompt in [long_prompt, "a green apple", long_prompt + "on a table"]:
             f.write(json.dumps({"prompt": prompt}) + "\n")
-    result = run_script("python", SCRIPT, tiny_args(tiny_sd_path, tiny_blip_path, str(tmp_path / "out"), train_data=str(prompts), max_train_steps=1, train_batch_size=3))
+    result = run_script("python", SCRIPT, tiny_args(tiny_paths, str(tmp_path / "out"), train_data=str(prompts), max_train_steps=1, train_batch_size=3))
     assert result.stdout.count("longer than the text encoder's 77 tokens") == 1
     assert "2 of 3 prompts" in result.stdout
     assert os.path.isfile(tmp_path / "out" / "pytorch_lora_weights.safetensors")

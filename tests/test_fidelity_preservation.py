@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from utils.fidelity_preservation import (
     DISCRIMINATOR_CONFIG_NAME,
@@ -52,7 +53,7 @@ def _randomize_lora_b(unet, adapter_name, seed, std=0.1):
 
 
 def _generator_unet(unet_factory=tiny_sd_unet, seed=0):
-    """A frozen tiny UNet with a non-zero, trainable generator LoRA named "default" (as the training script builds it)."""
+    """A frozen tiny UNet with a non-zero, trainable generator LoRA "default", as the training script builds it."""
     unet = unet_factory(seed)
     unet.requires_grad_(False)
     unet.add_adapter(
@@ -70,7 +71,7 @@ def _adapter_state(unet):
     """Everything adapter switching could change: active adapters, the enabled switch, requires_grad flags."""
     return (
         unet.active_adapters(),
-        [module.disable_adapters for module in unet.modules() if hasattr(module, "disable_adapters")],
+        [module.disable_adapters for module in unet.modules() if isinstance(module, BaseTunerLayer)],
         {name: param.requires_grad for name, param in unet.named_parameters()},
     )
 
@@ -102,7 +103,9 @@ def test_losses_and_accuracy_equal_hand_computed_values():
     def bce_target_zero(x):
         return math.log1p(math.exp(x))
 
-    expected_d = sum(map(bce_target_one, [2.0, -1.0, 3.0, 4.0])) / 4 + sum(map(bce_target_zero, [0.5, 1.5, -2.0, -1.0])) / 4
+    expected_d = (
+        sum(map(bce_target_one, [2.0, -1.0, 3.0, 4.0])) / 4 + sum(map(bce_target_zero, [0.5, 1.5, -2.0, -1.0])) / 4
+    )
     expected_g = sum(map(bce_target_one, [0.5, 1.5, -2.0, -1.0])) / 4
 
     assert discriminator_loss(real_logits, fake_logits).item() == pytest.approx(expected_d, rel=1e-6)
@@ -176,6 +179,9 @@ def test_generator_step_sends_gradient_to_generator_lora_only():
     assert all(param.grad is None for param in discriminator.trainable_parameters())
     assert all(param.grad is None for name, param in unet.named_parameters() if "lora_" not in name)
 
+    # A frozen D builds no graph of its own: on latents without gradient its logits have none.
+    assert not discriminator(noise, LAST_TIMESTEP, empty).requires_grad
+
     # The adapter state is restored also when the UNet call fails.
     with pytest.raises(RuntimeError):
         discriminator(noise, LAST_TIMESTEP, torch.randn(2, 5, TINY_CROSS_ATTENTION_DIM + 1))
@@ -204,7 +210,10 @@ def test_discriminator_step_updates_discriminator_and_leaves_generator_lora_unch
     for name, param in _lora_parameters(unet, "default").items():
         assert param.grad is None and torch.equal(param, generator_before[name]), name
         assert param.requires_grad
-    changed = [not torch.equal(param, before) for param, before in zip(discriminator.trainable_parameters(), discriminator_before)]
+    changed = [
+        not torch.equal(param, before)
+        for param, before in zip(discriminator.trainable_parameters(), discriminator_before, strict=True)
+    ]
     assert all(changed)  # lora_B gets gradient first, then lora_A moves through it; head moves too
 
     discriminator.requires_grad_(False)
@@ -230,8 +239,25 @@ def test_gradient_checkpointing_on_shared_unet_gives_the_same_gradients():
     # Block-level checkpointing would recompute D's blocks in backward with the generator adapter active.
     reference = _one_training_step_gradients(gradient_checkpointing=False)
     checkpointed = _one_training_step_gradients(gradient_checkpointing=True)
-    for expected, actual in zip(reference, checkpointed):
+    for expected, actual in zip(reference, checkpointed, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_on_shared_unet_keeps_only_discriminator_inputs():
+    unet = _generator_unet()
+    discriminator = UNetDiscriminator.from_unet(unet, rank=4)
+    latents = _latents(2, 0.0, seed=0, std=1.0).requires_grad_(True)
+
+    def num_saved_tensors():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            discriminator(latents, LAST_TIMESTEP, _empty_prompt_embedding(2))
+        return len(saved)
+
+    without_checkpointing = num_saved_tensors()
+    unet.enable_gradient_checkpointing()
+    assert num_saved_tensors() < 10 < without_checkpointing
+    assert unet.is_gradient_checkpointing
 
 
 def test_shared_discriminator_adds_only_its_lora_and_head():
@@ -260,11 +286,15 @@ def test_sdxl_discriminator_takes_added_cond_kwargs():
     discriminator = UNetDiscriminator.from_unet(unet, rank=4)
     config = unet.config
     added_cond_kwargs = {
-        "text_embeds": torch.randn(2, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim),
+        "text_embeds": torch.randn(
+            2, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        ),
         "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).expand(2, -1),
     }
     latents = _latents(2, 0.0, seed=0, std=1.0).requires_grad_(True)
-    logits = discriminator(latents, LAST_TIMESTEP, _empty_prompt_embedding(2, config.cross_attention_dim), added_cond_kwargs)
+    logits = discriminator(
+        latents, LAST_TIMESTEP, _empty_prompt_embedding(2, config.cross_attention_dim), added_cond_kwargs
+    )
     assert logits.shape == (2, 1, 8, 8)
     generator_adversarial_loss(logits).backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
@@ -357,7 +387,10 @@ class RecordingGenerator:
     def __call__(self, prompts):
         self.calls.append(list(prompts))
         return torch.stack(
-            [torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(reference_noise_seed(p, 0))) for p in prompts]
+            [
+                torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(reference_noise_seed(p, 0)))
+                for p in prompts
+            ]
         )
 
 
@@ -419,7 +452,9 @@ def test_cache_key_depends_on_prompt_and_settings_not_their_order(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{64}", cache.key("a red cube"))
     assert cache.key("a red cube") != cache.key("a blue ball")
     for name, value in [("num_inference_steps", 20), ("resolution", 512), ("seed", 1), ("revision", "main")]:
-        assert ReferenceLatentCache(str(tmp_path), {**SETTINGS, name: value}).key("a red cube") != cache.key("a red cube")
+        assert ReferenceLatentCache(str(tmp_path), {**SETTINGS, name: value}).key("a red cube") != cache.key(
+            "a red cube"
+        )
 
 
 def test_prefill_generates_only_uncached_prompts_in_batches(tmp_path):
@@ -440,8 +475,12 @@ def test_prefill_generates_only_uncached_prompts_in_batches(tmp_path):
 def test_reference_noise_seed_is_stable_across_processes():
     # A constant, not a recomputation: Python's hash() would differ between processes and runs.
     assert reference_noise_seed("a red book and a yellow vase", 0) == 3102122787756533203
-    assert reference_noise_seed("a red book and a yellow vase", 1) != reference_noise_seed("a red book and a yellow vase", 0)
-    assert reference_noise_seed("a yellow book and a red vase", 0) != reference_noise_seed("a red book and a yellow vase", 0)
+    assert reference_noise_seed("a red book and a yellow vase", 1) != reference_noise_seed(
+        "a red book and a yellow vase", 0
+    )
+    assert reference_noise_seed("a yellow book and a red vase", 0) != reference_noise_seed(
+        "a red book and a yellow vase", 0
+    )
     assert 0 <= reference_noise_seed("", 2**40) < 2**63
 
 

@@ -4,6 +4,9 @@ Random detectors find random things, so the end-to-end tests force detections wi
 keeps every query, ``text_threshold=0`` lets every query name a noun) instead of hoping for them.
 """
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -199,11 +202,16 @@ def test_mask_upsampling_matches_sam_post_processing(sam_path):
     assert torch.equal(masks, expected[:, 0])
 
 
-@pytest.mark.parametrize("broken", ["grounding", "sam"])
+@pytest.mark.parametrize("broken", ["hub id offline", "missing folder", "folder without processor"])
 def test_unloadable_model_names_its_flag(grounding_dino_path, sam_path, tmp_path, broken):
-    missing = "no-such-org/no-such-model"
-    paths = (missing, sam_path) if broken == "grounding" else (grounding_dino_path, str(tmp_path / "missing"))
-    flag = "--grounding_model_name_or_path" if broken == "grounding" else "--sam_model_name_or_path"
+    if broken == "hub id offline":
+        paths, flag = ("no-such-org/no-such-model", sam_path), "--grounding_model_name_or_path"
+    elif broken == "missing folder":
+        paths, flag = (grounding_dino_path, str(tmp_path / "missing")), "--sam_model_name_or_path"
+    else:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(sam_path, name), tmp_path / name)
+        paths, flag = (grounding_dino_path, str(tmp_path)), "--sam_model_name_or_path"
     with pytest.raises(OSError, match=flag) as error:
         GroundedSegmenter.from_pretrained(*paths)
     assert "local folder" in str(error.value) and error.value.__cause__ is not None

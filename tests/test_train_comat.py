@@ -16,10 +16,18 @@ from conftest import REPO_ROOT, launch_command, run_script, script_env
 SCRIPT = "train_comat.py"
 
 
-def tiny_args(sd_path, blip_path, output_dir, **overrides):
+def tiny_args(paths, output_dir, base="sd", **overrides):
+    """Flags for a run on the tiny models with all three modules on (a few seconds a step on CPU)."""
     args = {
-        "pretrained_model_name_or_path": sd_path,
-        "caption_model_name_or_path": blip_path,
+        "pretrained_model_name_or_path": paths[base],
+        "caption_model_name_or_path": paths["blip"],
+        "grounding_model_name_or_path": paths["grounding_dino"],
+        "sam_model_name_or_path": paths["sam"],
+        # The tiny UNets have two resolution levels, not SD's four: use every mid/up cross-attention layer.
+        "attention_layers": "mid,up",
+        # Random detectors score low: keep every box so that masks are not all empty.
+        "box_threshold": 0.0,
+        "text_threshold": 0.0,
         "output_dir": output_dir,
         "resolution": 64,
         "train_batch_size": 2,
@@ -42,11 +50,11 @@ def tiny_args(sd_path, blip_path, output_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_sd_path, tiny_blip_path, tmp_path_factory):
+def trained_run(tiny_paths, tmp_path_factory):
     """One accelerate-launched run with checkpoints at steps 2 and 4 (shared by the tests below)."""
     output_dir = str(tmp_path_factory.mktemp("run") / "out")
     result = run_script("accelerate", SCRIPT, tiny_args(
-        tiny_sd_path, tiny_blip_path, output_dir, checkpointing_steps=2, gradient_checkpointing=True,
+        tiny_paths, output_dir, checkpointing_steps=2, gradient_checkpointing=True,
         validation_prompt="a red book and a yellow vase", num_validation_images=1, validation_steps=100,
     ))
     return output_dir, result.stdout
@@ -88,13 +96,13 @@ def test_model_card_checkpoints_and_validation_images(trained_run):
     assert json.load(open(os.path.join(checkpoint, "training_state.json")))["global_step"] == 2
 
 
-def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_sd_path, tiny_blip_path, tmp_path):
+def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_paths, tmp_path):
     output_dir, _ = trained_run
     resumed_dir = str(tmp_path / "resumed")
     os.makedirs(resumed_dir)
     shutil.copytree(os.path.join(output_dir, "checkpoint-2"), os.path.join(resumed_dir, "checkpoint-2"))
     result = run_script("python", SCRIPT, tiny_args(
-        tiny_sd_path, tiny_blip_path, resumed_dir, checkpointing_steps=2, gradient_checkpointing=True,
+        tiny_paths, resumed_dir, checkpointing_steps=2, gradient_checkpointing=True,
         resume_from_checkpoint="latest",
     ))
     assert "Resumed from" in result.stdout
@@ -107,17 +115,17 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_sd
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
 
 
-def test_two_processes_keep_identical_lora(tiny_sd_path, tiny_blip_path, tmp_path):
+def test_two_processes_keep_identical_lora(tiny_paths, tmp_path):
     output_dir = str(tmp_path / "ddp")
-    result = run_script("torchrun", SCRIPT, tiny_args(tiny_sd_path, tiny_blip_path, output_dir, max_train_steps=2), num_processes=2)
+    result = run_script("torchrun", SCRIPT, tiny_args(tiny_paths, output_dir, max_train_steps=2), num_processes=2)
     assert "2 processes" in result.stdout
     assert "LoRA identical on 2 processes" in result.stdout
     assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
 
 
-def test_sigterm_saves_a_loadable_checkpoint(tiny_sd_path, tiny_blip_path, tmp_path):
+def test_sigterm_saves_a_loadable_checkpoint(tiny_paths, tmp_path):
     output_dir = str(tmp_path / "preempted")
-    command = launch_command("python", SCRIPT) + tiny_args(tiny_sd_path, tiny_blip_path, output_dir, max_train_steps=1000, checkpointing_steps=1000)
+    command = launch_command("python", SCRIPT) + tiny_args(tiny_paths, output_dir, max_train_steps=1000, checkpointing_steps=1000)
     process = subprocess.Popen(command, env=script_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
     for line in process.stdout:  # wait until training has started
@@ -135,11 +143,11 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny_sd_path, tiny_blip_path, tmp_p
     assert load_file(os.path.join(output_dir, checkpoints[0], "pytorch_lora_weights.safetensors"))
 
 
-def test_nonfinite_losses_skip_updates_then_abort_with_a_checkpoint(tiny_sd_path, tiny_blip_path, tmp_path):
+def test_nonfinite_losses_skip_updates_then_abort_with_a_checkpoint(tiny_paths, tmp_path):
     output_dir = str(tmp_path / "nan")
     # A huge learning rate blows the LoRA up after the first update; every later loss is non-finite.
     result = run_script("python", SCRIPT, tiny_args(
-        tiny_sd_path, tiny_blip_path, output_dir, learning_rate=1e30, max_nonfinite_steps=2, max_train_steps=10,
+        tiny_paths, output_dir, learning_rate=1e30, max_nonfinite_steps=2, max_train_steps=10,
         adam_weight_decay=0.0,
     ), check=False)
     assert result.returncode != 0
@@ -147,3 +155,20 @@ def test_nonfinite_losses_skip_updates_then_abort_with_a_checkpoint(tiny_sd_path
     assert "optimizer steps in a row had a non-finite loss" in result.stdout
     checkpoints = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
     assert checkpoints and os.path.isfile(os.path.join(output_dir, checkpoints[0], "training_state.json"))
+
+
+def test_prompts_without_entities_and_images_without_detections_still_train(tiny_paths, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na photo of the sky\n")  # no attribute → no entity; "sky" is on the stop list
+    output_dir = str(tmp_path / "out")
+    run_script("python", SCRIPT, tiny_args(
+        tiny_paths, output_dir, train_data=str(prompts), box_threshold=1.01, max_train_steps=1, report_to="tensorboard",
+    ))
+    events = os.path.join(output_dir, "logs", "comat")
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    scalars = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
+    assert scalars["entities_per_prompt"] == 0 and scalars["token_loss"] == 0 and scalars["pixel_loss"] == 0
+    assert scalars["caption_loss"] > 0 and scalars["discriminator_loss"] > 0

@@ -89,7 +89,9 @@ def parse_attention_layers(spec: str) -> list[tuple[str, int | None]]:
         place = place.strip().lower()
         size_text = size_text.strip()
         if place not in PLACES or (sep and not size_text.isdigit()) or (sep and int(size_text) == 0):
-            raise ValueError(f"Invalid --attention_layers {spec!r} (entry {item.strip()!r}): expected {_SPEC_GRAMMAR}.")
+            raise ValueError(
+                f"Invalid --attention_layers {spec!r} (entry {item.strip()!r}): expected {_SPEC_GRAMMAR}."
+            )
         entry = (place, int(size_text) if sep else None)
         if entry not in entries:
             entries.append(entry)
@@ -352,7 +354,7 @@ class CrossAttentionCaptureProcessor:
         return hidden_states
 
     def _conditional_probabilities(self, attn, query, key, attention_mask):
-        """``softmax(Q Kᵀ / √d)`` of the conditional half: ``[B_cond, heads, pixels, tokens]`` in the query's dtype."""
+        """``softmax(Q Kᵀ / √d)`` of the conditional half: ``[B_cond, heads, pixels, tokens]``, query's dtype."""
         cond = self.store.cond_slice(query.shape[0])
         query, key = query[cond], key[cond]
         compute_dtype = query.dtype

@@ -51,10 +51,20 @@ def _check_entities(attention_tokens: int, masks: torch.Tensor, token_positions:
             raise ValueError(f"Entity {index} has token positions {list(positions)} outside [0, {attention_tokens}).")
 
 
+def _flatten_positions(token_positions: Sequence[Sequence[int]], device) -> tuple[list[int], torch.Tensor]:
+    """All entities' token positions in one list, and the entity index of each."""
+    positions = [position for entity in token_positions for position in entity]
+    entity_of_position = torch.repeat_interleave(
+        torch.arange(len(token_positions), device=device),
+        torch.tensor([len(entity) for entity in token_positions], device=device),
+    )
+    return positions, entity_of_position
+
+
 def token_loss(
     attention: torch.Tensor, masks: torch.Tensor, token_positions: Sequence[Sequence[int]], eps: float = TOKEN_LOSS_EPS
 ) -> torch.Tensor:
-    """Token loss of one image on one attention map, a scalar in float32.
+    """Token loss of one image on one attention map, a scalar in float32 (also under autocast).
 
     Args:
         attention: ``[heads, pixels, tokens]``, softmax over tokens.
@@ -67,15 +77,11 @@ def token_loss(
     _check_entities(attention.shape[-1], masks, token_positions)
     if not token_positions:
         return attention.new_zeros((), dtype=torch.float32)
-    positions = [position for entity in token_positions for position in entity]
-    entity_of_position = torch.repeat_interleave(
-        torch.arange(len(token_positions), device=attention.device),
-        torch.tensor([len(entity) for entity in token_positions], device=attention.device),
-    )
+    positions, entity_of_position = _flatten_positions(token_positions, attention.device)
     # Only the entity tokens' columns are cast to float32: the maps stay in their compute dtype.
     entity_attention = attention[:, :, positions].float()  # [heads, pixels, Σ|K_i|]
-    position_masks = masks.to(entity_attention)[entity_of_position]  # [Σ|K_i|, pixels]
-    inside = torch.einsum("hpk,kp->hk", entity_attention, position_masks)
+    position_masks = masks.to(entity_attention)[entity_of_position].T  # [pixels, Σ|K_i|]
+    inside = (entity_attention * position_masks).sum(dim=1)  # [heads, Σ|K_i|]
     share_inside = (inside / (entity_attention.sum(dim=1) + eps)).mean(dim=0)  # [Σ|K_i|]
     per_position = (1.0 - share_inside) ** 2
     # Weight 1/(N |K_i|) per position: mean over the entity's tokens, then over entities.
@@ -89,7 +95,7 @@ def pixel_loss(
     token_positions: Sequence[Sequence[int]],
     eps: float = PIXEL_LOSS_EPS,
 ) -> torch.Tensor:
-    """Pixel loss of one image on a head- and layer-averaged attention map, a scalar in float32.
+    """Pixel loss of one image on a head- and layer-averaged attention map, a scalar in float32 (also under autocast).
 
     Args:
         mean_attention: ``[pixels, tokens]``.
@@ -102,12 +108,16 @@ def pixel_loss(
     _check_entities(mean_attention.shape[-1], masks, token_positions)
     if not token_positions:
         return mean_attention.new_zeros((), dtype=torch.float32)
-    selection = torch.zeros(mean_attention.shape[-1], len(token_positions), device=mean_attention.device)
-    for index, positions in enumerate(token_positions):
-        selection[list(positions), index] = 1.0
-    entity_attention = (mean_attention.float() @ selection).clamp(eps, 1.0 - eps)  # [pixels, N]
-    # Every entity has the same number of pixels, so the mean over all elements is (1/N) Σ_i mean_u BCE.
-    return F.binary_cross_entropy(entity_attention, masks.to(entity_attention).T)
+    positions, entity_of_position = _flatten_positions(token_positions, mean_attention.device)
+    columns = mean_attention[:, positions].float()  # [pixels, Σ|K_i|]
+    entity_attention = columns.new_zeros(columns.shape[0], len(token_positions)).index_add(
+        1, entity_of_position, columns
+    )
+    entity_attention = entity_attention.clamp(eps, 1.0 - eps)  # [pixels, N]
+    targets = masks.to(entity_attention).T
+    # Written out rather than F.binary_cross_entropy, which refuses to run under autocast. Every entity has
+    # the same number of pixels, so the mean over all elements is (1/N) Σ_i mean_u BCE.
+    return -(targets * entity_attention.log() + (1.0 - targets) * (1.0 - entity_attention).log()).mean()
 
 
 def resize_masks(masks: torch.Tensor, side: int, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
@@ -149,8 +159,9 @@ def attribute_concentration_losses(
     for group, group_maps in groups:
         for group_map in group_maps:
             if group_map.ndim != 4 or group_map.shape[0] != batch_size:
+                shape = tuple(group_map.shape)
                 raise ValueError(
-                    f"Maps of group {group} must be [B={batch_size}, heads, pixels, tokens], got {tuple(group_map.shape)}."
+                    f"Maps of group {group} must be [B={batch_size}, heads, pixels, tokens], got {shape}."
                 )
             if math.isqrt(group_map.shape[2]) ** 2 != group_map.shape[2]:
                 raise ValueError(f"Maps of group {group} have {group_map.shape[2]} pixels, not a square map.")
@@ -158,7 +169,7 @@ def attribute_concentration_losses(
     device = groups[0][1][0].device
     total_token = torch.zeros((), dtype=torch.float32, device=device)
     total_pixel = torch.zeros((), dtype=torch.float32, device=device)
-    for image, (masks, token_positions) in enumerate(zip(masks_per_image, token_positions_per_image)):
+    for image, (masks, token_positions) in enumerate(zip(masks_per_image, token_positions_per_image, strict=True)):
         if len(token_positions) == 0:
             continue
         masks_by_side = {}
@@ -169,6 +180,8 @@ def attribute_concentration_losses(
             image_maps = [group_map[image] for group_map in group_maps]
             for image_map in image_maps:
                 total_token = total_token + token_loss(image_map, masks_by_side[side], token_positions)
-            mean_map = torch.stack([image_map.mean(dim=0, dtype=torch.float32) for image_map in image_maps]).mean(dim=0)
+            mean_map = torch.stack([image_map.mean(dim=0, dtype=torch.float32) for image_map in image_maps]).mean(
+                dim=0
+            )
             total_pixel = total_pixel + pixel_loss(mean_map, masks_by_side[side], token_positions)
     return total_token / batch_size, total_pixel / batch_size

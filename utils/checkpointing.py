@@ -7,7 +7,7 @@ had never stopped:
   with ``pipe.load_lora_weights(checkpoint_dir)``);
 * ``optimizer.safetensors`` + ``optimizer.json`` — every optimizer's state tensors and param groups;
 * ``lr_scheduler.json`` — every LR scheduler's state;
-* ``extra_*.safetensors`` — other trainable modules' states (e.g. the discriminator);
+* the states of other trainable parts (e.g. the discriminator's ``discriminator.safetensors``);
 * ``rng_state_<rank>.safetensors`` + ``.json`` — each process's torch/numpy/python RNG states;
 * ``training_state.json`` — global step and data position; written last, so a directory without it is
   never a checkpoint.
@@ -128,13 +128,13 @@ def save_checkpoint(
     optimizers,
     lr_schedulers,
     training_state,
-    extra_modules=None,
+    extra_states=(),
     checkpoints_total_limit=None,
 ):
     """Write ``output_dir/checkpoint-<global_step>`` atomically on every process (collective call).
 
-    ``save_lora_weights(directory)`` writes the diffusers-format LoRA; ``extra_modules`` maps a name to
-    a module whose ``state_dict`` is saved as ``extra_<name>.safetensors``.
+    ``save_lora_weights(directory)`` writes the diffusers-format LoRA; each of ``extra_states`` has
+    ``save(directory)`` / ``load(directory)`` methods for its own files (safetensors/JSON).
     """
     final_dir = os.path.join(output_dir, f"checkpoint-{global_step}")
     partial_dir = final_dir + ".partial"
@@ -152,11 +152,8 @@ def save_checkpoint(
         save_lora_weights(partial_dir)
         save_state_dicts(partial_dir, "optimizer", [opt.state_dict() for opt in optimizers])
         _write_json(os.path.join(partial_dir, "lr_scheduler.json"), [s.state_dict() for s in lr_schedulers])
-        for name, module in (extra_modules or {}).items():
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                os.path.join(partial_dir, f"extra_{name}.safetensors"),
-            )
+        for state_owner in extra_states:
+            state_owner.save(partial_dir)
         state = dict(training_state, global_step=global_step, num_processes=accelerator.num_processes)
         _write_json(os.path.join(partial_dir, TRAINING_STATE_NAME), state)
     accelerator.wait_for_everyone()
@@ -222,22 +219,22 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
     return path
 
 
-def load_checkpoint(accelerator, checkpoint_dir, load_lora_weights, optimizers, lr_schedulers, extra_modules=None):
+def load_checkpoint(accelerator, checkpoint_dir, load_lora_weights, optimizers, lr_schedulers, extra_states=()):
     """Restore what :func:`save_checkpoint` wrote; returns the saved training state dict."""
     training_state = _read_json(os.path.join(checkpoint_dir, TRAINING_STATE_NAME))
     load_lora_weights(checkpoint_dir)
-    for optimizer, state_dict in zip(optimizers, load_state_dicts(checkpoint_dir, "optimizer")):
+    saved_optimizers = load_state_dicts(checkpoint_dir, "optimizer")
+    if len(saved_optimizers) != len(optimizers):
+        raise ValueError(
+            f"{checkpoint_dir} holds {len(saved_optimizers)} optimizer state(s), this run has {len(optimizers)}: resume "
+            f"with the module flags (--fidelity_preservation …) of the run that wrote it."
+        )
+    for optimizer, state_dict in zip(optimizers, saved_optimizers):
         optimizer.load_state_dict(state_dict)
     for scheduler, state_dict in zip(lr_schedulers, _read_json(os.path.join(checkpoint_dir, "lr_scheduler.json"))):
         scheduler.load_state_dict(state_dict)
-    for name, module in (extra_modules or {}).items():
-        path = os.path.join(checkpoint_dir, f"extra_{name}.safetensors")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was written without the {name} module. Resume with the same "
-                f"module flags as the run that wrote it."
-            )
-        module.load_state_dict(load_file(path))
+    for state_owner in extra_states:
+        state_owner.load(checkpoint_dir)
     rng_path = os.path.join(checkpoint_dir, f"rng_state_{accelerator.process_index}.safetensors")
     if os.path.isfile(rng_path):
         set_rng_state(load_file(rng_path), _read_json(rng_path.replace(".safetensors", ".json")))

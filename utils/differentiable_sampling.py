@@ -130,22 +130,12 @@ def _guided_noise(denoise, latents, t, scheduler):
 
 
 def _unet_with_grad(denoise, latents, t, scheduler, gradient_checkpointing, capture, attention_capture):
-    if not gradient_checkpointing:
-        with attention_capture() if capture else nullcontext():
-            return _guided_noise(denoise, latents, t, scheduler)
-
-    # Non-reentrant checkpointing re-runs this function in backward; it must take the same code path
-    # (explicit attention when capturing) both times, but maps are recorded only on the first run.
-    runs = []
-
-    def run(unet_input):
-        record = not runs
-        runs.append(True)
-        context = attention_capture(record=record) if capture else nullcontext()
-        with context:
-            return _guided_noise(denoise, unet_input, t, scheduler)
-
-    return checkpoint(run, latents, use_reentrant=False)
+    # Capture wraps the checkpointed call: maps are recorded in the forward; the recomputation in backward
+    # runs outside capture (see utils.attention_capture) and so records nothing twice.
+    with attention_capture() if capture else nullcontext():
+        if gradient_checkpointing:
+            return checkpoint(_guided_noise, denoise, latents, t, scheduler, use_reentrant=False)
+        return _guided_noise(denoise, latents, t, scheduler)
 
 
 def _apply_guidance(noise_pred, guidance_scale, guidance_rescale):

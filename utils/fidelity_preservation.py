@@ -121,7 +121,9 @@ class _AdapterState:
             param.requires_grad_(requires_grad)
 
     def restore(self) -> None:
-        for layer, active_adapters, disabled in zip(self.tuner_layers, self.active_adapters, self.adapters_disabled):
+        for layer, active_adapters, disabled in zip(
+            self.tuner_layers, self.active_adapters, self.adapters_disabled, strict=True
+        ):
             layer.set_adapter(active_adapters)
             if layer.disable_adapters != disabled:
                 layer.enable_adapters(not disabled)
@@ -206,6 +208,7 @@ class UNetDiscriminator(torch.nn.Module):
         if owns_unet:
             self.unet = unet
         else:
+            # A plain attribute, not a submodule: the shared base belongs to the generator (see above).
             self.__dict__["unet"] = unet
         self.owns_unet = owns_unet
         self.adapter_name = adapter_name
@@ -339,11 +342,17 @@ class UNetDiscriminator(torch.nn.Module):
                 return_dict=False,
             )[0]
 
+    def _named_trainable_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        # The adapter name is dropped from the keys, so a file does not depend on what D was called.
+        named = {f"lora.{path}": param for path, param in self._lora_parameters.items()}
+        named.update({f"head.{name}": param for name, param in self.head.named_parameters()})
+        return named
+
     def state_dict_for_save(self) -> Dict[str, torch.Tensor]:
-        """D's LoRA (``lora.<module>.lora_A.weight``, adapter name dropped) and head (``head.*``) on CPU."""
-        tensors = {f"lora.{path}": param for path, param in self._lora_parameters.items()}
-        tensors.update({f"head.{name}": param for name, param in self.head.named_parameters()})
-        return {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+        """D's LoRA (``lora.<module>.lora_A.weight``) and head (``head.weight``, ``head.bias``), on CPU."""
+        return {
+            name: param.detach().to("cpu").contiguous() for name, param in self._named_trainable_parameters().items()
+        }
 
     def save(self, save_directory: str) -> None:
         """Write ``discriminator.safetensors`` and ``discriminator_config.json`` to ``save_directory``."""
@@ -371,13 +380,12 @@ class UNetDiscriminator(torch.nn.Module):
             tensors = load_file(path)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"Discriminator weights file {path} is unreadable or corrupted: {error}") from error
-        targets = {f"lora.{path_}": param for path_, param in self._lora_parameters.items()}
-        targets.update({f"head.{name}": param for name, param in self.head.named_parameters()})
+        targets = self._named_trainable_parameters()
         missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
         if missing or unexpected:
             raise ValueError(
-                f"Discriminator weights file {path} does not match this discriminator "
-                f"(rank {self.rank}, adapter '{self.adapter_name}'): missing {missing[:3]}, unexpected {unexpected[:3]}."
+                f"Discriminator weights file {path} does not match this discriminator (rank {self.rank}, "
+                f"adapter '{self.adapter_name}'): missing {missing[:3]}, unexpected {unexpected[:3]}."
             )
         for name, param in targets.items():
             if tensors[name].shape != param.shape:
@@ -472,7 +480,9 @@ class ReferenceLatentCache:
         os.makedirs(cache_dir, exist_ok=True)
 
     def key(self, prompt: str) -> str:
-        return hashlib.sha256(_canonical_json({"prompt": prompt, "settings": self.settings}).encode("utf-8")).hexdigest()
+        return hashlib.sha256(
+            _canonical_json({"prompt": prompt, "settings": self.settings}).encode("utf-8")
+        ).hexdigest()
 
     def path(self, prompt: str) -> str:
         return os.path.join(self.cache_dir, f"{self.key(prompt)}.safetensors")
@@ -505,9 +515,7 @@ class ReferenceLatentCache:
         metadata = {"prompt": prompt, "settings": self._settings_json, "sha256": _tensor_sha256(latents)}
         _save_safetensors_atomic({REFERENCE_LATENTS_KEY: latents}, self.path(prompt), metadata)
 
-    def get_or_create(
-        self, prompts: Sequence[str], generate_fn: Callable[[List[str]], torch.Tensor]
-    ) -> torch.Tensor:
+    def get_or_create(self, prompts: Sequence[str], generate_fn: Callable[[List[str]], torch.Tensor]) -> torch.Tensor:
         """``[B, C, h, w]`` latents for ``prompts``: cached ones loaded, the missing (distinct) prompts
         generated in one ``generate_fn(missing_prompts)`` call, written, and returned as stored."""
         latents_by_prompt = {prompt: self.get(prompt) for prompt in dict.fromkeys(prompts)}
@@ -539,9 +547,11 @@ class ReferenceLatentCache:
         generated = generate_fn(list(prompts))
         if not isinstance(generated, torch.Tensor) or generated.ndim < 1 or generated.shape[0] != len(prompts):
             shape = tuple(generated.shape) if isinstance(generated, torch.Tensor) else type(generated).__name__
-            raise ValueError(f"generate_fn returned {shape} for {len(prompts)} prompts; expected a [{len(prompts)}, ...] tensor.")
+            raise ValueError(
+                f"generate_fn returned {shape} for {len(prompts)} prompts; expected a [{len(prompts)}, ...] tensor."
+            )
         stored = {}
-        for prompt, latents in zip(prompts, generated.detach().to("cpu")):
+        for prompt, latents in zip(prompts, generated.detach().to("cpu"), strict=True):
             latents = latents.contiguous()
             self.put(prompt, latents)
             stored[prompt] = latents

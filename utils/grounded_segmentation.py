@@ -191,22 +191,29 @@ def union_masks_by_index(masks: torch.Tensor, index: torch.Tensor, count: int) -
     return (union > 0).float()
 
 
+def _cannot_load(model_class, name_or_path, flag) -> OSError:
+    return OSError(
+        f"Could not load {model_class.__name__} from '{name_or_path}' given by {flag}. Pass a local folder that holds "
+        f"the saved model and its processor, or a correctly spelled Hub id with network access (HF_HUB_OFFLINE unset) "
+        f"so it can be downloaded."
+    )
+
+
 def _load_frozen(model_class, name_or_path, flag, device, dtype, cache_dir):
     try:
         config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
-        raise OSError(
-            f"Could not load {model_class.__name__} from '{name_or_path}' given by {flag}. Pass a local folder that "
-            f"holds the saved model and its processor, or a correctly spelled Hub id with network access "
-            f"(HF_HUB_OFFLINE unset) so it can be downloaded."
-        ) from error
+        raise _cannot_load(model_class, name_or_path, flag) from error
     expected_type = model_class.config_class.model_type
     # transformers would load another architecture's checkpoint into this class with random weights and only warn
     if config.model_type != expected_type:
         raise ValueError(f"{flag} '{name_or_path}' is a '{config.model_type}' model; expected '{expected_type}'.")
-    model = model_class.from_pretrained(name_or_path, config=config, dtype=dtype, cache_dir=cache_dir)
-    # only the processors' configs are used (the pixels are prepared in torch): the pil backend needs no torchvision
-    processor = AutoProcessor.from_pretrained(name_or_path, cache_dir=cache_dir, backend="pil")
+    try:
+        model = model_class.from_pretrained(name_or_path, config=config, dtype=dtype, cache_dir=cache_dir)
+        # only the processors' configs are used (pixels are prepared in torch): the pil backend needs no torchvision
+        processor = AutoProcessor.from_pretrained(name_or_path, cache_dir=cache_dir, backend="pil")
+    except (OSError, ValueError) as error:
+        raise _cannot_load(model_class, name_or_path, flag) from error
     model.requires_grad_(False).eval().to(device)
     return model, processor
 

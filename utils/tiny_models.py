@@ -146,7 +146,8 @@ def tiny_sdxl_unet(seed=0):
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=2 * TINY_TEXT_HIDDEN + 6 * 8,
+        # pooled text_encoder_2 embedding + 6 micro-conditioning time ids of addition_time_embed_dim each
+        projection_class_embeddings_input_dim=TINY_TEXT_HIDDEN + 6 * 8,
         cross_attention_dim=2 * TINY_TEXT_HIDDEN,
         norm_num_groups=8,
     )

