@@ -1,4 +1,8 @@
-"""train_comat.py end to end: launched as users launch it, on tiny models, offline."""
+"""train_comat.py and train_comat_sdxl.py end to end: launched as users launch them, on tiny models, offline.
+
+The two scripts share the training loop, so loop behaviour (preemption, non-finite losses) is tested on
+SD only; what each family does differently (loading, conditioning, LoRA format) is tested on both.
+"""
 
 import json
 import os
@@ -14,6 +18,13 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT, launch_command, run_script, script_env
 
 SCRIPT = "train_comat.py"
+SCRIPTS = {"sd": "train_comat.py", "sdxl": "train_comat_sdxl.py"}
+
+
+def pipeline_class(family):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
 
 
 def tiny_args(paths, output_dir, base="sd", **overrides):
@@ -49,23 +60,23 @@ def tiny_args(paths, output_dir, base="sd", **overrides):
     return flat
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_paths, tmp_path_factory):
-    """One accelerate-launched run with checkpoints at steps 2 and 4 (shared by the tests below)."""
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def trained_run(request, tiny_paths, tmp_path_factory):
+    """One accelerate-launched run per family with all three modules and a checkpoint at step 2 of 4."""
+    family = request.param
     output_dir = str(tmp_path_factory.mktemp("run") / "out")
-    result = run_script("accelerate", SCRIPT, tiny_args(
-        tiny_paths, output_dir, checkpointing_steps=2, gradient_checkpointing=True,
+    result = run_script("accelerate", SCRIPTS[family], tiny_args(
+        tiny_paths, output_dir, base=family, checkpointing_steps=2, gradient_checkpointing=True,
         validation_prompt="a red book and a yellow vase", num_validation_images=1, validation_steps=100,
     ))
-    return output_dir, result.stdout
+    return family, output_dir, result.stdout
 
 
-def test_lora_loads_into_stock_pipeline_and_changes_its_output(trained_run, tiny_sd_path):
-    from diffusers import StableDiffusionPipeline
-
-    output_dir, _ = trained_run
+def test_lora_loads_into_stock_pipeline_and_changes_its_output(trained_run, tiny_paths):
+    family, output_dir, log = trained_run
+    assert "modules: concept matching, attribute concentration, fidelity preservation" in log
     assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe = pipeline_class(family).from_pretrained(tiny_paths[family])
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
@@ -82,7 +93,7 @@ def test_lora_loads_into_stock_pipeline_and_changes_its_output(trained_run, tiny
 def test_model_card_checkpoints_and_validation_images(trained_run):
     from huggingface_hub import ModelCard
 
-    output_dir, _ = trained_run
+    _, output_dir, _ = trained_run
     card = ModelCard.load(os.path.join(output_dir, "README.md"))
     assert "comat" in card.data.tags and "lora" in card.data.tags
     assert "load_lora_weights" in card.text
@@ -91,19 +102,21 @@ def test_model_card_checkpoints_and_validation_images(trained_run):
     assert sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint")) == ["checkpoint-2"]
     checkpoint = os.path.join(output_dir, "checkpoint-2")
     names = set(os.listdir(checkpoint))
-    assert {"pytorch_lora_weights.safetensors", "optimizer.safetensors", "lr_scheduler.json", "training_state.json", "rng_state_0.safetensors"} <= names
+    assert {"pytorch_lora_weights.safetensors", "optimizer.safetensors", "lr_scheduler.json", "training_state.json",
+            "rng_state_0.safetensors", "discriminator.safetensors"} <= names
     assert not any(n.endswith((".bin", ".pkl", ".pt")) for n in names)
     assert json.load(open(os.path.join(checkpoint, "training_state.json")))["global_step"] == 2
 
 
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_paths, tmp_path):
-    output_dir, _ = trained_run
+    """With the discriminator on: its LoRA, head and optimizer must come back exactly for this to hold."""
+    family, output_dir, _ = trained_run
     resumed_dir = str(tmp_path / "resumed")
     os.makedirs(resumed_dir)
     shutil.copytree(os.path.join(output_dir, "checkpoint-2"), os.path.join(resumed_dir, "checkpoint-2"))
-    result = run_script("python", SCRIPT, tiny_args(
-        tiny_paths, resumed_dir, checkpointing_steps=2, gradient_checkpointing=True,
-        resume_from_checkpoint="latest",
+    result = run_script("python", SCRIPTS[family], tiny_args(
+        tiny_paths, resumed_dir, base=family, checkpointing_steps=2, gradient_checkpointing=True,
+        resume_from_checkpoint="latest", reference_latents_dir=os.path.join(output_dir, "reference_latents"),
     ))
     assert "Resumed from" in result.stdout
     uninterrupted = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
@@ -115,9 +128,10 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_pa
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
 
 
-def test_two_processes_keep_identical_lora(tiny_paths, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_two_processes_keep_identical_lora(family, tiny_paths, tmp_path):
     output_dir = str(tmp_path / "ddp")
-    result = run_script("torchrun", SCRIPT, tiny_args(tiny_paths, output_dir, max_train_steps=2), num_processes=2)
+    result = run_script("torchrun", SCRIPTS[family], tiny_args(tiny_paths, output_dir, base=family, max_train_steps=2), num_processes=2)
     assert "2 processes" in result.stdout
     assert "LoRA identical on 2 processes" in result.stdout
     assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .differentiable_sampling import check_unit_range
 from .model_loading import load_pretrained
 
 CAPTION_REDUCTIONS = ("mean", "sum")
@@ -64,6 +65,7 @@ class CaptionScorer:
 
     def preprocess(self, images: torch.Tensor, crop_generator: Optional[torch.Generator] = None, max_crop: int = 0):
         """Differentiable: images [B, 3, H, W] in [0, 1] → normalised pixel values at the captioner's size."""
+        check_unit_range(images, "The captioner")
         if max_crop > 0:
             # One random crop for the batch keeps the op a single slice (cheap, still differentiable).
             top, left, bottom, right = torch.randint(0, max_crop + 1, (4,), generator=crop_generator).tolist()

@@ -154,3 +154,11 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
         latents = latents + shift_factor
     image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def check_unit_range(images: torch.Tensor, consumer: str) -> None:
+    """Captioner and segmenter take images in [0, 1]. The reference code once fed them [-1, 1] (the SDXL
+    path with the GAN on); checking at each entry point makes that bug impossible to repeat silently."""
+    low, high = images.min().item(), images.max().item()
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{consumer} expects images in [0, 1], got values in [{low:.3f}, {high:.3f}]: decode with decode_latents().")

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoProcessor, GroundingDinoForObjectDetection, SamModel
 from transformers.image_transforms import get_size_with_aspect_ratio
 
+from .differentiable_sampling import check_unit_range
+
 
 @dataclass
 class GroundingCaption:
@@ -306,6 +308,7 @@ class GroundedSegmenter:
             raise ValueError(f"images must be [B, 3, H, W]; got shape {tuple(images.shape)}.")
         if len(nouns) != images.shape[0]:
             raise ValueError(f"Got {images.shape[0]} images but {len(nouns)} noun lists.")
+        check_unit_range(images, "Grounded-SAM")
         height, width = images.shape[-2:]
         mask_size = tuple(mask_size) if mask_size is not None else (height, width)
         masks = [torch.zeros((len(image_nouns), *mask_size), device=images.device) for image_nouns in nouns]

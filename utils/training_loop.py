@@ -128,6 +128,7 @@ class FidelityPreservation:
         cache_dir = args.reference_latents_dir or os.path.join(args.output_dir, "reference_latents")
         self.cache = ReferenceLatentCache(cache_dir, {
             "base_model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
+            "unet": getattr(args, "pretrained_unet_model_name_or_path", None),
             "sampler": args.sampler, "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
             "resolution": args.resolution, "seed": args.seed, "dtype": str(family.unet.dtype),
