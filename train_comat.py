@@ -44,9 +44,13 @@ SD_RECIPE = {
 }
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, SD_RECIPE)
+    return add_training_arguments(parser, SD_RECIPE)
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(args, parser)
     return args

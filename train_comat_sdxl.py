@@ -48,12 +48,17 @@ SDXL_RECIPE = {
 }
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(parser, SDXL_RECIPE)
     sdxl = parser.add_argument_group("SDXL")
     sdxl.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None, help="Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (decodes in fp16). Without it, under fp16 the VAE runs in fp32.")
     sdxl.add_argument("--pretrained_unet_model_name_or_path", type=str, default=None, help="Another UNet (a diffusers UNet folder or Hub id), e.g. the recipe's UNet fine-tuned at 512 px.")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(args, parser)
     return args

@@ -56,3 +56,19 @@ def test_long_prompts_are_truncated_with_one_warning(tiny_paths, tmp_path):
     assert result.stdout.count("longer than the text encoder's 77 tokens") == 1
     assert "2 of 3 prompts" in result.stdout
     assert os.path.isfile(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+
+
+def test_every_flag_is_documented_in_the_readme():
+    import train_comat
+    import train_comat_sdxl
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    for module in (train_comat, train_comat_sdxl):
+        for action in module.build_parser()._actions:
+            for flag in action.option_strings:
+                if flag in ("-h", "--help"):
+                    continue
+                documented = "--" + flag.removeprefix("--no_") if flag.startswith("--no_") else flag
+                assert f"`{documented}`" in readme, f"{flag} of {module.__name__} is not in README.md"
+                assert action.help, f"{flag} of {module.__name__} has no help string"
