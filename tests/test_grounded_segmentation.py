@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, BertTokenizer
 
-from utils import tiny_models
+from utils import grounded_segmentation, tiny_models
 from utils.grounded_segmentation import (
     GroundedSegmenter,
     assign_boxes_to_phrases,
@@ -105,6 +105,15 @@ def test_sam_masks_of_a_batch_match_images_one_by_one(detect_everything, images)
         torch.testing.assert_close(
             detect_everything._segment(image[None], [image_boxes], (HEIGHT, WIDTH))[0], image_masks
         )
+
+
+def test_sam_chunks_give_the_masks_of_one_call(detect_everything, images, monkeypatch):
+    boxes = [torch.tensor([[0.5, 0.5, 0.6, 0.4], [0.2, 0.2, 0.3, 0.3]]), torch.tensor([[0.3, 0.4, 0.2, 0.5], [0.7, 0.5, 0.5, 0.9]])]
+    one_call = detect_everything._segment(images[:2], boxes, (HEIGHT, WIDTH))
+    monkeypatch.setattr(grounded_segmentation, "SAM_BOXES_PER_CALL", 3)
+    chunked = detect_everything._segment(images[:2], boxes, (HEIGHT, WIDTH))
+    for a, b in zip(one_call, chunked):
+        torch.testing.assert_close(a, b)
 
 
 def test_box_threshold_above_one_finds_nothing(grounding_dino_path, sam_path, images):

@@ -27,6 +27,8 @@ from transformers.image_transforms import get_size_with_aspect_ratio
 
 from .differentiable_sampling import check_unit_range
 
+SAM_BOXES_PER_CALL = 64
+
 
 @dataclass
 class GroundingCaption:
@@ -373,8 +375,9 @@ class GroundedSegmenter:
     ) -> list[torch.Tensor]:
         """SAM on the boxes (normalised cxcywh) of all images: per image, each box's bool mask ``[N_b, *mask_size]``.
 
-        The vision encoder runs once on the batch; the prompt encoder and mask decoder then run once on all boxes,
-        each box paired with its image's embedding, so images with few boxes cost no padding.
+        The vision encoder runs once on the batch; the prompt encoder and mask decoder then run on all boxes (in
+        chunks of ``SAM_BOXES_PER_CALL``), each box paired with its image's embedding, so images with few boxes
+        cost no padding.
         """
         sam_pixels, resized_size = sam_pixel_values(pixels, self.sam_image_processor)
         image_embeddings = self.sam_model.get_image_embeddings(sam_pixels.to(self.sam_model.dtype))
@@ -384,13 +387,18 @@ class GroundedSegmenter:
             torch.tensor(box_counts, device=self.device)
         )
         sam_boxes = normalized_cxcywh_to_xyxy(torch.cat(boxes), *resized_size)
-        outputs = self.sam_model(
-            image_embeddings=image_embeddings[image_of_box],
-            input_boxes=sam_boxes.unsqueeze(1).to(self.sam_model.dtype),
-            multimask_output=True,
-        )
-        # pred_masks: [boxes, 1, candidates, h, w]; keep the candidate with the best predicted IoU
-        candidate_logits, candidate_ious = outputs.pred_masks[:, 0], outputs.iou_scores[:, 0]
-        low_res_logits = candidate_logits[torch.arange(len(candidate_logits)), candidate_ious.argmax(dim=-1)]
-        masks = sam_logits_to_masks(low_res_logits, sam_pixels.shape[-2:], resized_size, mask_size)
+        masks = []
+        # Each box carries a copy of its image's embedding (4 MB for SAM-base) and a full-size mask: chunks
+        # bound the memory when a detector returns many boxes (an untrained one can return hundreds).
+        for start in range(0, len(sam_boxes), SAM_BOXES_PER_CALL):
+            chunk = slice(start, start + SAM_BOXES_PER_CALL)
+            outputs = self.sam_model(
+                image_embeddings=image_embeddings[image_of_box[chunk]],
+                input_boxes=sam_boxes[chunk].unsqueeze(1).to(self.sam_model.dtype),
+                # A box is an unambiguous prompt: SAM's single-mask output (as in Grounded-SAM).
+                multimask_output=False,
+            )
+            low_res_logits = outputs.pred_masks[:, 0, 0]  # [boxes, 1 prompt, 1 mask, h, w]
+            masks.append(sam_logits_to_masks(low_res_logits, sam_pixels.shape[-2:], resized_size, mask_size))
+        masks = torch.cat(masks)
         return list(masks.split(box_counts))
