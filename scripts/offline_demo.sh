@@ -13,6 +13,8 @@ accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no 
   train_comat.py \
   --pretrained_model_name_or_path tiny-models/sd \
   --caption_model_name_or_path tiny-models/blip \
+  --grounding_model_name_or_path tiny-models/grounding_dino --sam_model_name_or_path tiny-models/sam \
+  --attention_layers mid,up --box_threshold 0.05 --text_threshold 0.05 \
   --resolution 64 --train_batch_size 2 --num_inference_steps 8 --num_grad_steps 2 \
   --max_train_steps 20 --checkpointing_steps 10 --rank 4 --learning_rate 1e-3 \
   --validation_prompt "a red book and a yellow vase" --num_validation_images 2 --validation_steps 10 \

@@ -8,7 +8,8 @@ that and nothing else:
   keeps its processor (``AttnProcessor2_0``, i.e. SDPA, by default). The authors' code replaces *every*
   attention layer with a manual softmax, also at the no-grad steps and at inference.
 * **Only when asked**: a processor computes the explicit probabilities only inside
-  :meth:`AttentionStore.capturing` *and* with grad enabled. Otherwise it runs the very same operations as
+  :meth:`AttentionStore.capturing` *and* with grad enabled (or, for diagnostics at inference, when the store
+  was made with ``record_without_grad=True``). Otherwise it runs the very same operations as
   ``AttnProcessor2_0``, so its output is bitwise identical.
 * **Only the conditional half** of the classifier-free-guidance batch (``[uncond; cond]`` in diffusers
   pipelines), in the same UNet call as the unconditional half.
@@ -166,7 +167,7 @@ class AttentionStore:
     Capture is off by default. Inside :meth:`capturing`, every UNet call that runs with grad enabled records,
     for each selected layer, a tensor ``[B_cond, heads, pixels, tokens]`` (softmax over tokens, in the layer's
     compute dtype, attached to the autograd graph). Under ``torch.no_grad`` nothing is recorded, even inside
-    ``capturing()``.
+    ``capturing()``, unless ``record_without_grad`` is set.
 
     Steps: each captured UNet call is one *step*. :attr:`step_maps` keeps them apart (one dict per step,
     group ``(place, size)`` → list of the group's maps in UNet order), because the pixel loss averages the maps
@@ -179,13 +180,19 @@ class AttentionStore:
         cond_half: which part of the UNet batch is the conditional branch: ``"second"`` (diffusers' CFG batch
             ``[uncond; cond]``), ``"first"`` (``[cond; uncond]``) or ``"all"`` (no CFG batching). May be
             changed between calls.
+        record_without_grad: also record UNet calls that run without grad (as diffusers pipelines run at
+            inference), for diagnostics such as token activations; the maps are then detached. Training leaves
+            it off so that its no-grad sampling steps cost nothing extra.
     """
 
-    def __init__(self, layers: list[CrossAttentionLayer], cond_half: str = "second"):
+    def __init__(
+        self, layers: list[CrossAttentionLayer], cond_half: str = "second", record_without_grad: bool = False
+    ):
         if cond_half not in COND_HALVES:
             raise ValueError(f"cond_half must be one of {COND_HALVES}, got {cond_half!r}.")
         self.layers = list(layers)
         self.cond_half = cond_half
+        self.record_without_grad = record_without_grad
         self.previous_processors: dict[str, object] = {}
         self._is_capturing = False
         self._step_maps: list[dict[tuple, list[torch.Tensor]]] = []
@@ -277,7 +284,7 @@ class CrossAttentionCaptureProcessor:
     the stock processor whether or not the store is capturing. When ``store.is_capturing`` and grad is
     enabled, the probabilities of the conditional half are computed explicitly from the same query and key
     tensors (honouring the attention mask and ``attn.upcast_attention``/``attn.upcast_softmax``) and
-    recorded in the store in the query's dtype.
+    recorded in the store in the query's dtype (also without grad if the store has ``record_without_grad``).
     """
 
     def __init__(self, store: AttentionStore, layer: CrossAttentionLayer):
@@ -333,7 +340,7 @@ class CrossAttentionCaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.store.is_capturing and torch.is_grad_enabled():
+        if self.store.is_capturing and (torch.is_grad_enabled() or self.store.record_without_grad):
             with _saved_outside_checkpoint():
                 self.store.record(self.layer, self._conditional_probabilities(attn, query, key, attention_mask))
 
@@ -370,14 +377,20 @@ class CrossAttentionCaptureProcessor:
 
 
 def install_attention_capture(
-    unet, layer_spec: str, resolution: int, vae_scale_factor: int = 8, cond_half: str = "second"
+    unet,
+    layer_spec: str,
+    resolution: int,
+    vae_scale_factor: int = 8,
+    cond_half: str = "second",
+    record_without_grad: bool = False,
 ) -> AttentionStore:
     """Puts a :class:`CrossAttentionCaptureProcessor` on the layers ``layer_spec`` selects; returns their store.
 
     All other attention layers keep their current processor. Undo with :func:`remove_attention_capture`.
+    ``cond_half`` and ``record_without_grad`` are passed to the :class:`AttentionStore`.
     """
     layers = select_attention_layers(unet, layer_spec, resolution, vae_scale_factor)
-    store = AttentionStore(layers, cond_half=cond_half)
+    store = AttentionStore(layers, cond_half=cond_half, record_without_grad=record_without_grad)
     processors = unet.attn_processors
     for layer in layers:
         key = f"{layer.name}.processor"

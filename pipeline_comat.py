@@ -1,0 +1,546 @@
+#!/usr/bin/env python
+"""CoMat inference: a diffusers community pipeline for SD 1.x/2.x and SDXL bases with a CoMat LoRA.
+
+Loading — one file, both families::
+
+    pipe = DiffusionPipeline.from_pretrained(
+        base, custom_pipeline="path/to/pipeline_comat.py", trust_remote_code=True
+    )
+    pipe.load_lora_weights("comat-sd15")  # a CoMat LoRA folder or Hub repo
+
+diffusers imports a community file and takes the *only* ``DiffusionPipeline`` subclass defined in it as the
+pipeline class, before any component is loaded. That class is :class:`CoMatPipeline`: its ``__init__``
+declares the union of the SD and SDXL components, so ``from_pretrained`` loads whatever the base checkpoint
+has, and its ``__new__`` hands the loaded components to the stock pipeline of their family, extended with
+:class:`CoMatPipelineMixin` — ``CoMatStableDiffusionPipeline`` or ``CoMatStableDiffusionXLPipeline``
+(see :func:`comat_pipeline_class`). The returned pipeline therefore *is* a ``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline``: generation, LoRA loading, offloading and ``components`` are the stock code,
+and its images equal a stock pipeline's with the same LoRA and seed.
+
+What CoMat adds:
+
+* :meth:`CoMatPipelineMixin.token_activations` — the paper's diagnostic: how much cross-attention each
+  prompt token receives, averaged over pixels, heads, layers and denoising steps, plus per-token heatmaps,
+  with the LoRA disabled ("base") and enabled ("comat") on the same model and seed. The maps come from
+  ``utils.attention_capture``, the capture the training losses use. :func:`save_token_activation_plot`
+  draws them.
+* :func:`push_lora_to_hub` (``utils.hub``, shared with the training scripts' ``--push_to_hub``) — uploads a
+  LoRA folder with its model card.
+
+Command line::
+
+    python pipeline_comat.py generate --base_model BASE --lora comat-sd15 --prompt "a red book and a yellow vase"
+    python pipeline_comat.py activations --base_model BASE --lora comat-sd15 --prompt "a red book and a yellow vase"
+    python pipeline_comat.py push --lora_dir comat-sd15 --repo_id your-name/comat-sd15
+"""
+
+import argparse
+import functools
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import huggingface_hub.constants
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+# diffusers imports a community pipeline from a copy in its modules cache (HF_MODULES_CACHE/diffusers_modules),
+# where the project folder is usually not on sys.path. For *relative* imports it copies the imported files
+# along (utils/attention_capture.py and utils/hub.py land next to the copy), so the package-relative form works
+# there wherever the caller runs from. Run as a script or imported from the project folder, this module has no
+# package and imports the project's utils package. That import is spelled with importlib because diffusers'
+# requirements check reads every `from X import` line and would ask to `pip install utils` whenever the project
+# folder is not on sys.path, although the relative branch is then the one that runs.
+if __package__:
+    from .utils.attention_capture import install_attention_capture, remove_attention_capture
+    from .utils.hub import push_lora_to_hub
+else:
+    _attention_capture = importlib.import_module("utils.attention_capture")
+    install_attention_capture = _attention_capture.install_attention_capture
+    remove_attention_capture = _attention_capture.remove_attention_capture
+    push_lora_to_hub = importlib.import_module("utils.hub").push_lora_to_hub
+
+# Every cross-attention layer: the paper's diagnostic averages over all of them.
+ALL_CROSS_ATTENTION_LAYERS = "down,mid,up"
+VARIANT_LABELS = {"base": "base", "comat": "CoMat"}
+
+
+@dataclass
+class TokenActivations:
+    """Cross-attention of one generation, averaged over heads, captured layers and denoising steps.
+
+    Only the conditional (prompt) branch of classifier-free guidance is captured. Sequence positions are those
+    of the text encoder's padded input: start token, the prompt's tokens, end token, padding.
+
+    Attributes:
+        prompt: the prompt.
+        tokens: the tokenizer's token at every sequence position.
+        prompt_positions: the sequence positions of the prompt's own tokens (without start, end and padding).
+        activations: ``[sequence]``, the attention each position receives, averaged over pixels, heads, layers
+            and steps. Every pixel's attention is a distribution over the sequence, so this sums to 1; most of
+            it goes to the start token, as usual for CLIP-conditioned UNets.
+        heatmaps: ``[sequence, side, side]``, each pixel's attention per position, averaged over heads, layers
+            and steps, at the side of the largest captured map (smaller maps upsampled bilinearly). Each
+            pixel's values sum to 1 over the sequence.
+        image: the generated image.
+        lora_enabled: whether the LoRA was enabled for this generation.
+    """
+
+    prompt: str
+    tokens: list[str]
+    prompt_positions: list[int]
+    activations: torch.Tensor
+    heatmaps: torch.Tensor
+    image: PIL.Image.Image
+    lora_enabled: bool
+
+    @property
+    def prompt_tokens(self) -> list[str]:
+        """The prompt's tokens as text (CLIP marks word ends with ``</w>``; that mark is dropped)."""
+        return [self.tokens[position].replace("</w>", "") for position in self.prompt_positions]
+
+    @property
+    def prompt_activations(self) -> torch.Tensor:
+        """``[prompt tokens]``: :attr:`activations` of the prompt's own tokens."""
+        return self.activations[self.prompt_positions]
+
+    @property
+    def prompt_heatmaps(self) -> torch.Tensor:
+        """``[prompt tokens, side, side]``: :attr:`heatmaps` of the prompt's own tokens."""
+        return self.heatmaps[self.prompt_positions]
+
+
+class CoMatPipelineMixin:
+    """What CoMat adds to a stock Stable Diffusion (XL) pipeline; see :func:`comat_pipeline_class`."""
+
+    @torch.no_grad()
+    def token_activations(
+        self,
+        prompt: str,
+        *,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        resolution: int | None = None,
+        seed: int = 0,
+        negative_prompt: str | None = None,
+        attention_layers: str = ALL_CROSS_ATTENTION_LAYERS,
+    ) -> dict[str, TokenActivations]:
+        """Generates ``prompt`` with the LoRA disabled and enabled and measures each token's cross-attention.
+
+        Both generations start from the same noise (``seed``). Capturing does not change the images: they
+        equal ordinary calls of the pipeline with the same arguments.
+
+        Args:
+            prompt: the prompt.
+            num_inference_steps: denoising steps; every step is captured.
+            guidance_scale: classifier-free guidance scale. Default: the pipeline's.
+            resolution: side of the (square) image in pixels. Default: the UNet's native size.
+            seed: seed of the initial noise (a CPU generator, so results do not depend on the device).
+            negative_prompt: the negative prompt.
+            attention_layers: the cross-attention layers to average, in ``--attention_layers`` syntax
+                (``utils.attention_capture``). Default: all of them.
+
+        Returns:
+            ``{"base": ..., "comat": ...}``; only ``"base"`` when no LoRA is loaded. The pipeline's LoRA is left
+            enabled or disabled as it was.
+        """
+        lora_layers = self._unet_lora_layers()
+        if any(layer.merged for layer in lora_layers):
+            raise ValueError("token_activations needs an unfused LoRA to disable it: call pipe.unfuse_lora() first.")
+        resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
+        if guidance_scale is None:
+            guidance_scale = inspect.signature(self.__call__).parameters["guidance_scale"].default
+        # diffusers pipelines batch the UNet input as [negative; prompt] exactly when they apply guidance.
+        uses_guidance = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        tokens, prompt_positions = self._prompt_tokens(prompt)
+        store = install_attention_capture(
+            self.unet,
+            attention_layers,
+            resolution,
+            self.vae_scale_factor,
+            cond_half="second" if uses_guidance else "all",
+            record_without_grad=True,
+        )
+        variants = {"base": False, "comat": True} if lora_layers else {"base": False}
+        lora_was_enabled = bool(lora_layers) and not lora_layers[0].disable_adapters
+        try:
+            results = {}
+            for name, lora_enabled in variants.items():
+                if lora_layers:
+                    self._set_lora_enabled(lora_enabled)
+                image, activations, heatmaps = self._generate_with_capture(
+                    store,
+                    heatmap_side=max(layer.side for layer in store.layers),
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                )
+                if activations.shape[0] != len(tokens):
+                    raise ValueError(
+                        f"The captured maps attend to {activations.shape[0]} positions but the tokenizer gives "
+                        f"{len(tokens)}: this pipeline's text conditioning is not the tokenizer's sequence."
+                    )
+                results[name] = TokenActivations(
+                    prompt, tokens, prompt_positions, activations, heatmaps, image, lora_enabled
+                )
+        finally:
+            remove_attention_capture(self.unet, store)
+            if lora_layers:
+                self._set_lora_enabled(lora_was_enabled)
+        return results
+
+    def _set_lora_enabled(self, enabled):
+        if enabled:
+            self.enable_lora()
+        else:
+            self.disable_lora()
+
+    def _unet_lora_layers(self):
+        return [module for module in self.unet.modules() if isinstance(module, BaseTunerLayer)]
+
+    def _prompt_tokens(self, prompt):
+        """The tokens at every position of the text encoder's input, and the positions of the prompt's own."""
+        # SDXL's two tokenizers split a prompt identically (they differ only in the padding token), and a
+        # pipeline may come without the first one.
+        tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
+        length = tokenizer.model_max_length
+        padded_ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+        num_ids = len(tokenizer(prompt, max_length=length, truncation=True).input_ids)
+        return tokenizer.convert_ids_to_tokens(padded_ids), list(range(1, num_ids - 1))
+
+    def _generate_with_capture(self, store, heatmap_side, **call_kwargs):
+        """Runs the pipeline while ``store`` captures; returns the image and the averaged activations and heatmaps."""
+        sums = {"activations": 0.0, "heatmaps": 0.0, "maps": 0}
+
+        def accumulate(pipeline, step, timestep, callback_kwargs):
+            # Reduced after every step, so memory does not grow with the number of steps.
+            for step_maps in store.step_maps:
+                for group_maps in step_maps.values():
+                    for attention in group_maps:  # [1, heads, pixels, sequence]
+                        per_pixel = attention[0].float().mean(dim=0)  # [pixels, sequence]
+                        side = math.isqrt(per_pixel.shape[0])
+                        heatmap = per_pixel.T.reshape(1, -1, side, side)
+                        # Bilinear weights sum to one, so every pixel still holds a distribution over tokens.
+                        heatmap = F.interpolate(heatmap, size=(heatmap_side, heatmap_side), mode="bilinear")
+                        sums["activations"] = sums["activations"] + per_pixel.mean(dim=0)
+                        sums["heatmaps"] = sums["heatmaps"] + heatmap[0]
+                        sums["maps"] += 1
+            store.clear()
+            return callback_kwargs
+
+        with store.capturing():
+            image = self(**call_kwargs, callback_on_step_end=accumulate).images[0]
+        if sums["maps"] == 0:
+            raise RuntimeError("No cross-attention map was captured during generation.")
+        return image, (sums["activations"] / sums["maps"]).cpu(), (sums["heatmaps"] / sums["maps"]).cpu()
+
+
+@functools.cache
+def comat_pipeline_class(stock_pipeline_class: type) -> type:
+    """The CoMat pipeline class of a stock family: ``CoMat<stock name>``, a :class:`CoMatPipelineMixin` and a
+    ``stock_pipeline_class``.
+
+    Made on demand instead of being defined in this file, because diffusers requires a community file to
+    define exactly one ``DiffusionPipeline`` subclass (:class:`CoMatPipeline`).
+    """
+    name = f"CoMat{stock_pipeline_class.__name__}"
+    namespace = {"__module__": __name__, "__qualname__": name, "__doc__": f"{stock_pipeline_class.__name__} + CoMat."}
+    return type(name, (CoMatPipelineMixin, stock_pipeline_class), namespace)
+
+
+def _stock_pipeline_class(text_encoder_2):
+    """SDXL checkpoints have a second text encoder; SD 1.x/2.x ones do not."""
+    return StableDiffusionXLPipeline if text_encoder_2 is not None else StableDiffusionPipeline
+
+
+class CoMatPipeline(DiffusionPipeline):
+    r"""Loads an SD 1.x/2.x or SDXL base as its CoMat pipeline (see the module docstring).
+
+    ``CoMatPipeline.from_pretrained(base)`` (or ``DiffusionPipeline.from_pretrained(base,
+    custom_pipeline=".../pipeline_comat.py", trust_remote_code=True)``) and ``CoMatPipeline(**components)``
+    return a ``CoMatStableDiffusionXLPipeline`` when the components include ``text_encoder_2`` and a
+    ``CoMatStableDiffusionPipeline`` otherwise.
+    """
+
+    _optional_components = sorted(
+        set(StableDiffusionPipeline._optional_components) | set(StableDiffusionXLPipeline._optional_components)
+    )
+
+    def __new__(cls, **components):
+        stock_class = _stock_pipeline_class(components.get("text_encoder_2"))
+        accepted = inspect.signature(stock_class.__init__).parameters
+        # from_pretrained passes every component of the union, those the checkpoint lacks as None.
+        foreign = sorted(name for name, value in components.items() if name not in accepted and value is not None)
+        if foreign:
+            raise TypeError(f"{stock_class.__name__} takes no {', '.join(foreign)}.")
+        stock_components = {name: None for name in stock_class._optional_components if name in accepted}
+        stock_components.update((name, value) for name, value in components.items() if name in accepted)
+        # Not an instance of cls, so Python does not call CoMatPipeline.__init__ on it.
+        return comat_pipeline_class(stock_class)(**stock_components)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """The CoMat pipeline of ``pipeline``'s family, sharing its components (``DiffusionPipeline.from_pipe``)."""
+        # The union signature would ask the source pipeline for the other family's components.
+        stock_class = _stock_pipeline_class(getattr(pipeline, "text_encoder_2", None))
+        return comat_pipeline_class(stock_class).from_pipe(pipeline, **kwargs)
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder_2: CLIPTextModelWithProjection | None,
+        tokenizer_2: CLIPTokenizer | None,
+        safety_checker: StableDiffusionSafetyChecker | None,
+        feature_extractor: CLIPImageProcessor | None,
+        image_encoder: CLIPVisionModelWithProjection | None,
+        requires_safety_checker: bool = True,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        """The union of the SD and SDXL pipelines' arguments: what ``from_pretrained`` reads to know which
+        components to load. Never runs — :meth:`__new__` returns the family's pipeline instead.
+
+        Every component is a parameter without default on purpose: ``DiffusionPipeline.from_pretrained(...,
+        custom_pipeline=...)`` takes the optional components from ``DiffusionPipeline`` (none), so a component
+        with a default would count as a plain keyword and a ``safety_checker=None`` given by the caller would
+        not stop it from loading. Components the checkpoint lacks are passed as None (they are in
+        ``_optional_components``).
+        """
+
+
+# ------------------------------------------------------------------------------------------------ plot
+
+
+def _plain_text(text):
+    # Matplotlib reads text between two dollar signs as math.
+    return text.replace("$", r"\$")
+
+
+def save_token_activation_plot(results: dict[str, TokenActivations], path: str) -> str:
+    """Writes a PNG: a bar chart of the prompt tokens' activations per variant (base vs CoMat), and under it,
+    for every variant, its image and each token's heatmap over it; returns ``path``.
+
+    A token's heatmaps share one colour scale across variants, so a stronger focus shows as more intense.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(results)
+    first = results[names[0]]
+    tokens = [_plain_text(token) for token in first.prompt_tokens]
+    num_tokens = len(tokens)
+    if num_tokens == 0:
+        raise ValueError("The prompt has no tokens to plot.")
+
+    figure = Figure(figsize=(max(6.0, 1.7 * (num_tokens + 1)), 3.0 + 1.9 * len(names)))
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(1 + len(names), num_tokens + 1, height_ratios=[1.5] + [1.0] * len(names))
+
+    bars = figure.add_subplot(grid[0, :])
+    bar_width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        offset = (index - (len(names) - 1) / 2) * bar_width
+        positions = [token_index + offset for token_index in range(num_tokens)]
+        bars.bar(positions, results[name].prompt_activations.tolist(), bar_width, label=VARIANT_LABELS.get(name, name))
+    bars.set_xticks(range(num_tokens), tokens, rotation=30 if num_tokens > 8 else 0)
+    bars.set_ylabel("mean cross-attention")
+    bars.set_title(f'Token activations: "{_plain_text(first.prompt)}"')
+    bars.legend()
+
+    width, height = first.image.size
+    heatmaps = {
+        name: F.interpolate(result.prompt_heatmaps[None], size=(height, width), mode="bilinear")[0]
+        for name, result in results.items()
+    }
+    scale = torch.stack([heatmap.amax(dim=(1, 2)) for heatmap in heatmaps.values()]).amax(dim=0).clamp_min(1e-12)
+    for row, name in enumerate(names, start=1):
+        image_axes = figure.add_subplot(grid[row, 0])
+        image_axes.imshow(results[name].image)
+        image_axes.set_title(VARIANT_LABELS.get(name, name))
+        image_axes.axis("off")
+        for column, token in enumerate(tokens, start=1):
+            axes = figure.add_subplot(grid[row, column])
+            axes.imshow(results[name].image)
+            axes.imshow((heatmaps[name][column - 1] / scale[column - 1]).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            axes.set_title(token)
+            axes.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _add_model_arguments(parser):
+    parser.add_argument("--base_model", type=str, required=True, help="Base pipeline: a Hub id or a local diffusers folder (SD 1.x/2.x or SDXL).")
+    parser.add_argument("--lora", type=str, default=None, help="CoMat LoRA: a folder written by train_comat.py / train_comat_sdxl.py or a Hub repo id. Default: none (the base model).")
+    parser.add_argument("--revision", type=str, default=None, help="Git revision of the base model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight variant of the base model files, e.g. 'fp16'.")
+    parser.add_argument("--device", type=str, default=None, help="Device to run on. Default: cuda if available, else cpu.")
+    parser.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES), help="Weights dtype. Default: fp16 on cuda, fp32 on cpu.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale. Default: the pipeline's (SD 7.5, SDXL 5.0).")
+    parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (image i of a prompt uses seed + i).")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="pipeline_comat.py",
+        description="CoMat inference: generate images, measure token activations, publish a LoRA.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,activations,push}")
+
+    generate = commands.add_parser("generate", help="Render prompts with a base model and (optionally) a CoMat LoRA.")
+    _add_model_arguments(generate)
+    generate.add_argument("--prompt", type=str, action="append", required=True, help="Prompt to render; repeat the flag for several.")
+    generate.add_argument("--num_images_per_prompt", type=int, default=1, help="Images per prompt.")
+    generate.add_argument("--height", type=int, default=None, help="Image height in pixels. Default: the model's native size.")
+    generate.add_argument("--width", type=int, default=None, help="Image width in pixels. Default: the model's native size.")
+    generate.add_argument("--output_dir", type=str, default="comat-images", help="Where the PNGs are written.")
+
+    activations = commands.add_parser("activations", help="Token activations of a prompt without and with the LoRA: a PNG plot and a JSON file.")
+    _add_model_arguments(activations)
+    activations.add_argument("--prompt", type=str, required=True, help="The prompt to analyse.")
+    activations.add_argument("--resolution", type=int, default=None, help="Side of the square image in pixels. Default: the model's native size.")
+    activations.add_argument("--attention_layers", type=str, default=ALL_CROSS_ATTENTION_LAYERS, help="Cross-attention layers averaged: comma-separated place[:side at 512 px], place in down/mid/up (as in training). Default: all.")
+    activations.add_argument("--output", type=str, default="token_activations.png", help="The PNG plot; the numbers go to the same path with .json.")
+
+    push = commands.add_parser("push", help="Upload a CoMat LoRA folder with its model card to the Hugging Face Hub.")
+    push.add_argument("--lora_dir", type=str, required=True, help="The LoRA folder (pytorch_lora_weights.safetensors; the card is (re)written there).")
+    push.add_argument("--repo_id", type=str, required=True, help="Target model repo, e.g. 'your-name/comat-sd15' (created if needed).")
+    push.add_argument("--base_model", type=str, default=None, help="Base model named in the card. Default: the one the training run recorded.")
+    push.add_argument("--sample_images", type=str, nargs="+", default=None, help="Images shown in the card. Default: the training run's validation images.")
+    push.add_argument("--sample_prompt", type=str, default=None, help="Prompt of the sample images. Default: the training run's validation prompt.")
+    push.add_argument("--private", action="store_true", help="Create the repo as private.")
+    push.add_argument("--token", type=str, default=None, help="Hub token. Prefer HF_TOKEN or `hf auth login`: a token on the command line is visible to other users of the machine.")
+    push.add_argument("--commit_message", type=str, default="Upload CoMat LoRA", help="Commit message of the upload.")
+    return parser.parse_args(argv)
+
+
+def _load_pipeline(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    pipeline = CoMatPipeline.from_pretrained(args.base_model, revision=args.revision, variant=args.variant, dtype=dtype)
+    if args.lora:
+        pipeline.load_lora_weights(args.lora)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def _call_arguments(args):
+    """The pipeline-call flags that were given (the others keep the pipeline's defaults)."""
+    given = {"guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _slug(text, max_length=48):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length] or "prompt"
+
+
+def run_generate(args):
+    pipeline = _load_pipeline(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    for prompt_index, prompt in enumerate(args.prompt):
+        seeds = [args.seed + image_index for image_index in range(args.num_images_per_prompt)]
+        images = pipeline(
+            prompt,
+            num_images_per_prompt=len(seeds),
+            num_inference_steps=args.num_inference_steps,
+            height=args.height,
+            width=args.width,
+            generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+            **_call_arguments(args),
+        ).images
+        for seed, image in zip(seeds, images, strict=True):
+            path = os.path.join(args.output_dir, f"{prompt_index:03d}_{_slug(prompt)}_seed{seed}.png")
+            image.save(path)
+            print(path)
+
+
+def run_activations(args):
+    pipeline = _load_pipeline(args)
+    results = pipeline.token_activations(
+        args.prompt,
+        num_inference_steps=args.num_inference_steps,
+        resolution=args.resolution,
+        seed=args.seed,
+        attention_layers=args.attention_layers,
+        **_call_arguments(args),
+    )
+    output_dir = os.path.dirname(args.output)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    save_token_activation_plot(results, args.output)
+    first = next(iter(results.values()))
+    summary = {
+        "prompt": args.prompt,
+        "tokens": first.prompt_tokens,
+        "activations": {name: result.prompt_activations.tolist() for name, result in results.items()},
+    }
+    json_path = os.path.splitext(args.output)[0] + ".json"
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+
+    print("token".ljust(16) + "".join(VARIANT_LABELS.get(name, name).rjust(10) for name in results))
+    for index, token in enumerate(first.prompt_tokens):
+        values = "".join(f"{result.prompt_activations[index].item():10.4f}" for result in results.values())
+        print(token.ljust(16) + values)
+    print(args.output)
+    print(json_path)
+
+
+def run_push(args):
+    repo_id = push_lora_to_hub(
+        args.lora_dir,
+        args.repo_id,
+        base_model=args.base_model,
+        sample_images=args.sample_images or (),
+        sample_prompt=args.sample_prompt,
+        token=args.token,
+        private=args.private,
+        commit_message=args.commit_message,
+    )
+    print(f"Uploaded {args.lora_dir} to {huggingface_hub.constants.ENDPOINT}/{repo_id}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    {"generate": run_generate, "activations": run_activations, "push": run_push}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""pipeline_comat.py: community-pipeline loading for both families, token activations, Hub push and the CLI.
+
+Everything runs on the tiny random models with real diffusers, peft and huggingface_hub code. The Hub is the
+only thing replaced: by :class:`HubStandIn`, a local HTTP server implementing the endpoints that
+``create_repo`` and ``upload_folder`` call.
+"""
+
+import base64
+import http.server
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from huggingface_hub import ModelCard
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load, load_file
+
+import pipeline_comat
+from conftest import REPO_ROOT, script_env
+from utils.attention_capture import install_attention_capture, remove_attention_capture
+from utils.hub import LORA_WEIGHTS_NAME, push_folder_to_hub, push_lora_to_hub, read_model_card_inputs, save_model_card
+from utils.training import lora_config, lora_metadata, unet_lora_state_dict
+
+PIPELINE_FILE = os.path.join(REPO_ROOT, "pipeline_comat.py")
+STOCK_CLASSES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+PROMPT = "a red book and a yellow vase"
+PROMPT_TOKENS = ["a", "red", "book", "and", "a", "yellow", "vase"]
+GENERATION = {"num_inference_steps": 2, "height": 32, "width": 32}
+TOKEN = "hf_comatTestToken0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # The tiny models gain nothing from intra-op threads, and on shared CI cores the synchronisation costs.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tiny_sd_path, tiny_sdxl_path):
+    # Only the two bases: conftest's tiny_paths also builds the captioner and detectors, unused here.
+    return {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path}
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(tiny_paths, tmp_path_factory):
+    """A LoRA folder per family, written the way the training scripts write theirs, with random weights."""
+    dirs = {}
+    for family, pipeline_class in STOCK_CLASSES.items():
+        unet = UNet2DConditionModel.from_pretrained(tiny_paths[family], subfolder="unet")
+        unet.add_adapter(lora_config(rank=4))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, parameter in unet.named_parameters():
+                # peft's gaussian init leaves lora_B at zero (a no-op LoRA); make both factors non-zero.
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        directory = str(tmp_path_factory.mktemp("lora") / family)
+        pipeline_class.save_lora_weights(
+            directory, unet_lora_layers=unet_lora_state_dict(unet), unet_lora_adapter_metadata=lora_metadata(unet)
+        )
+        dirs[family] = directory
+    return dirs
+
+
+def load_custom(path):
+    pipe = DiffusionPipeline.from_pretrained(path, custom_pipeline=PIPELINE_FILE, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def comat_pipes(tiny_paths, lora_dirs):
+    """Per family: the custom pipeline with the family's LoRA loaded."""
+    pipes = {}
+    for family in STOCK_CLASSES:
+        pipe = load_custom(tiny_paths[family])
+        pipe.load_lora_weights(lora_dirs[family])
+        pipes[family] = pipe
+    return pipes
+
+
+def generate(pipe, output_type="np"):
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type=output_type, **GENERATION).images
+
+
+def lora_disabled_flags(pipe):
+    return {module.disable_adapters for module in pipe.unet.modules() if isinstance(module, BaseTunerLayer)}
+
+
+def imported_module(pipe):
+    """The module diffusers imported the pipeline from (a copy of pipeline_comat.py in its modules cache)."""
+    return sys.modules[type(pipe).__module__]
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_custom_pipeline_is_the_family_pipeline_and_matches_stock_with_the_lora(family, tiny_paths, lora_dirs):
+    stock_class = STOCK_CLASSES[family]
+    pipe = load_custom(tiny_paths[family])
+    assert type(pipe).__name__ == f"CoMat{stock_class.__name__}"
+    assert isinstance(pipe, stock_class) and callable(pipe.token_activations)
+    # The stock machinery holds: components match the family's signature, so e.g. pipe.to() works.
+    assert set(pipe.components) == set(stock_class(**pipe.components).components)
+
+    stock = stock_class.from_pretrained(tiny_paths[family])
+    stock.set_progress_bar_config(disable=True)
+    without_lora = generate(stock)
+    stock.load_lora_weights(lora_dirs[family])
+    pipe.load_lora_weights(lora_dirs[family])
+    with_lora = generate(stock)
+
+    assert np.array_equal(generate(pipe), with_lora)
+    assert np.abs(with_lora - without_lora).max() > 1e-3, "the test LoRA must change the images"
+
+
+def test_pipeline_class_dispatches_direct_construction_and_from_pipe(tiny_paths):
+    sd = StableDiffusionPipeline.from_pretrained(tiny_paths["sd"])
+    sdxl = StableDiffusionXLPipeline.from_pretrained(tiny_paths["sdxl"])
+
+    assert type(pipeline_comat.CoMatPipeline(**sd.components)).__name__ == "CoMatStableDiffusionPipeline"
+    assert type(pipeline_comat.CoMatPipeline.from_pipe(sdxl)).__name__ == "CoMatStableDiffusionXLPipeline"
+    loaded = pipeline_comat.CoMatPipeline.from_pretrained(tiny_paths["sdxl"])
+    assert isinstance(loaded, StableDiffusionXLPipeline)
+    assert type(pipeline_comat.CoMatPipeline(**sd.components)) is pipeline_comat.comat_pipeline_class(sd.__class__)
+    with pytest.raises(TypeError, match="StableDiffusionXLPipeline takes no safety_checker"):
+        pipeline_comat.CoMatPipeline(**sdxl.components, safety_checker=sd.vae)
+
+
+# ---------------------------------------------------------------------------------------------------- token activations
+
+
+def test_capture_records_without_grad_only_when_asked(tiny_paths):
+    unet = UNet2DConditionModel.from_pretrained(tiny_paths["sd"], subfolder="unet")
+    inputs = (torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 77, 32))
+    for record_without_grad, expected_steps in [(False, 0), (True, 1)]:
+        store = install_attention_capture(unet, "mid,up", 16, 2, record_without_grad=record_without_grad)
+        with torch.no_grad(), store.capturing():
+            unet(*inputs)
+        assert len(store.step_maps) == expected_steps
+        remove_attention_capture(unet, store)
+
+
+@pytest.fixture(scope="module")
+def sd_activations(comat_pipes):
+    return comat_pipes["sd"].token_activations(PROMPT, num_inference_steps=2, resolution=32, seed=0)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_token_activations_are_per_pixel_distributions_of_every_step_with_and_without_lora(
+    family, comat_pipes, monkeypatch
+):
+    pipe = comat_pipes[family]
+    # Spy on the store class the pipeline uses: diffusers imported it with a copy of utils/attention_capture.py.
+    store_class = imported_module(pipe).install_attention_capture.__globals__["AttentionStore"]
+    recorded = []
+    record = store_class.record
+
+    def spy(store, layer, probs):
+        recorded.append(probs)
+        record(store, layer, probs)
+
+    monkeypatch.setattr(store_class, "record", spy)
+
+    results = pipe.token_activations(PROMPT, num_inference_steps=2, resolution=32, seed=0)
+
+    assert list(results) == ["base", "comat"]
+    assert [result.lora_enabled for result in results.values()] == [False, True]
+    num_layers = len([name for name, module in pipe.unet.named_modules() if name.endswith("attn2")])
+    # Every cross-attention layer at both steps of both generations, conditional half only, under no_grad.
+    assert len(recorded) == 2 * 2 * num_layers
+    for probs in recorded:
+        assert probs.shape[0] == 1 and probs.shape[-1] == 77 and not probs.requires_grad
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+
+    heatmap_side = 16 if family == "sd" else 8  # the largest cross-attention map of the tiny UNets at 32 px
+    for result in results.values():
+        assert result.prompt_tokens == PROMPT_TOKENS and result.prompt_positions == list(range(1, 8))
+        assert result.activations.shape == (77,) and result.heatmaps.shape == (77, heatmap_side, heatmap_side)
+        assert result.prompt_activations.shape == (7,)
+        assert result.prompt_heatmaps.shape == (7, heatmap_side, heatmap_side)
+        torch.testing.assert_close(result.activations.sum(), torch.tensor(1.0))
+        torch.testing.assert_close(result.heatmaps.sum(0), torch.ones(heatmap_side, heatmap_side))
+        assert result.image.size == (32, 32)
+    assert (results["comat"].activations - results["base"].activations).abs().max() > 1e-4
+    assert (results["comat"].heatmaps - results["base"].heatmaps).abs().max() > 1e-4
+
+
+def test_token_activations_leave_the_pipeline_as_they_found_it(comat_pipes, sd_activations):
+    pipe = comat_pipes["sd"]
+    processors_before = {key: type(processor) for key, processor in pipe.unet.attn_processors.items()}
+    # Capturing does not perturb generation: the images are those of ordinary calls with the same seed.
+    assert np.array_equal(np.asarray(sd_activations["comat"].image), np.asarray(generate(pipe, "pil")[0]))
+    pipe.disable_lora()
+    try:
+        assert np.array_equal(np.asarray(sd_activations["base"].image), np.asarray(generate(pipe, "pil")[0]))
+        pipe.token_activations(PROMPT, num_inference_steps=1, resolution=32)
+        assert lora_disabled_flags(pipe) == {True}, "a disabled LoRA stays disabled"
+    finally:
+        pipe.enable_lora()
+    assert lora_disabled_flags(pipe) == {False}
+    assert {key: type(processor) for key, processor in pipe.unet.attn_processors.items()} == processors_before
+
+
+def test_token_activations_without_lora_only_measure_the_base(tiny_paths):
+    pipe = pipeline_comat.CoMatPipeline.from_pretrained(tiny_paths["sd"])
+    pipe.set_progress_bar_config(disable=True)
+    results = pipe.token_activations(PROMPT, num_inference_steps=1, resolution=32, attention_layers="up")
+    assert list(results) == ["base"]
+
+
+def test_token_activation_plot_is_a_png(sd_activations, tmp_path):
+    path = pipeline_comat.save_token_activation_plot(sd_activations, str(tmp_path / "activations.png"))
+    with PIL.Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width >= 600 and image.height >= 400
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 10, "the plot has content"
+
+
+# ---------------------------------------------------------------------------------------------------- Hub push
+
+
+class HubStandIn:
+    """The Hub endpoints that ``create_repo`` and ``upload_folder`` (huggingface_hub 2.x) call, on 127.0.0.1:
+    repo creation, README.md metadata validation, preupload and commit.
+
+    Every file is answered "regular" at preupload, so contents arrive base64-encoded in the commit. Other
+    requests get a 404 and are recorded in :attr:`unexpected`.
+    """
+
+    def __init__(self):
+        self.created = []
+        self.validated = []
+        self.files = {}
+        self.commits = []
+        self.authorizations = set()  # of the API calls (the registry below is fetched without a token)
+        self.unexpected = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                stand_in.authorizations.add(self.headers.get("authorization"))
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts == ["api", "repos", "create"]:
+                    payload = json.loads(body)
+                    stand_in.created.append(payload)
+                    self.reply({"url": f"{stand_in.url}/{payload['organization']}/{payload['name']}"})
+                elif parts == ["api", "validate-yaml"]:
+                    # upload_folder has the Hub check the metadata of a README.md before uploading it.
+                    stand_in.validated.append(json.loads(body))
+                    self.reply({"errors": [], "warnings": []})
+                elif parts[:2] == ["api", "models"] and parts[-2] == "preupload":
+                    files = json.loads(body)["files"]
+                    modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    self.reply({"files": modes})
+                elif parts[:2] == ["api", "models"] and parts[-2] == "commit":
+                    lines = [json.loads(line) for line in body.decode().splitlines() if line]
+                    stand_in.commits.append(lines[0]["value"])
+                    for line in lines[1:]:
+                        if line["key"] == "file" and line["value"]["encoding"] == "base64":
+                            stand_in.files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                        else:  # LFS pointers or deletions: never asked for by this stand-in's preupload answers
+                            stand_in.unexpected.append(f"commit line {line['key']}")
+                    repo = "/".join(parts[2:4])
+                    self.reply({"commitUrl": f"{stand_in.url}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
+                else:
+                    self.not_found()
+
+            def do_GET(self):
+                if self.path == "/api/agent-harnesses":
+                    # huggingface_hub fetches this registry (once a day) to describe its caller in the user agent.
+                    self.reply({"standardEnvVars": [], "harnesses": {}})
+                else:
+                    self.not_found()
+
+            def not_found(self):
+                stand_in.unexpected.append(f"{self.command} {self.path}")
+                self.reply({"error": "not in the stand-in"}, status=404)
+
+            def reply(self, payload, status=200):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub():
+    with HubStandIn() as stand_in:
+        yield stand_in
+
+
+@pytest.fixture
+def hub_configured(hub, monkeypatch, tmp_path):
+    """huggingface_hub in this process pointed at the stand-in, as HF_ENDPOINT does at import time."""
+    import huggingface_hub.constants
+
+    # conftest puts huggingface_hub offline; only the local stand-in is reached here.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+    return hub
+
+
+def training_output(tmp_path, lora_dir, base_model):
+    """A folder as train_comat.py leaves it: LoRA, card, validation image, plus resume-only state."""
+    folder = tmp_path / "comat-out"
+    (folder / "validation").mkdir(parents=True)
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "optimizer.safetensors").write_bytes(b"resume state")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events").write_bytes(b"tensorboard")
+    shutil.copy(os.path.join(lora_dir, LORA_WEIGHTS_NAME), folder)
+    image_path = folder / "validation" / "step_000004_0.png"
+    PIL.Image.new("RGB", (32, 32), (200, 30, 30)).save(image_path)
+    settings = {"pretrained_model_name_or_path": base_model, "rank": 4, "learning_rate": 5e-05}
+    save_model_card(str(folder), base_model, "StableDiffusionPipeline", settings, PROMPT, [str(image_path)])
+    return folder
+
+
+def test_push_uploads_lora_card_and_samples_intact_and_never_the_token(
+    hub_configured, tmp_path, lora_dirs, caplog, capsys
+):
+    hub = hub_configured
+    folder = training_output(tmp_path, lora_dirs["sd"], "tiny/sd-base")
+    caplog.set_level(logging.DEBUG)
+    for name in ("huggingface_hub", "httpx2", "httpcore2", "utils.hub"):
+        caplog.set_level(logging.DEBUG, logger=name)
+
+    repo_id = push_lora_to_hub(str(folder), "someone/comat-test", token=TOKEN, private=True)
+
+    assert repo_id == "someone/comat-test"
+    assert hub.created == [{"name": "comat-test", "organization": "someone", "visibility": "private"}]
+    assert hub.authorizations == {f"Bearer {TOKEN}"} and not hub.unexpected
+    assert hub.validated == [{"content": hub.files["README.md"].decode(), "repoType": "model"}]
+    assert hub.commits == [{"summary": "Upload CoMat LoRA", "description": ""}]
+    expected = {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in folder.rglob("*")
+        if path.is_file() and not path.relative_to(folder).as_posix().startswith(("checkpoint-", "logs/"))
+    }
+    assert set(expected) == {LORA_WEIGHTS_NAME, "README.md", "comat_model_card.json", "validation/step_000004_0.png"}
+    assert hub.files == expected
+    uploaded_lora = load(hub.files[LORA_WEIGHTS_NAME])
+    for key, tensor in load_file(os.path.join(lora_dirs["sd"], LORA_WEIGHTS_NAME)).items():
+        assert torch.equal(uploaded_lora[key], tensor)
+    card = ModelCard(hub.files["README.md"].decode())
+    assert card.data.base_model == "tiny/sd-base"
+    assert {"lora", "comat", "text-to-image"} <= set(card.data.tags)
+    assert f'pipe.load_lora_weights("{repo_id}")' in card.text, "the card is re-rendered for the repo"
+    assert "| `rank` | `4` |" in card.text and "| `learning_rate` | `5e-05` |" in card.text
+    assert "![sample](validation/step_000004_0.png)" in card.text
+    assert card.data.widget[0]["output"]["url"] == "validation/step_000004_0.png"
+
+    output = capsys.readouterr()
+    assert any("someone/comat-test" in record.getMessage() for record in caplog.records)
+    for text in [*(record.getMessage() for record in caplog.records), output.out, output.err]:
+        assert TOKEN not in text
+    for content in hub.files.values():
+        assert TOKEN.encode() not in content
+
+
+def test_push_folder_to_hub_keeps_the_training_loop_signature(hub_configured, tmp_path, lora_dirs):
+    hub = hub_configured
+    folder = training_output(tmp_path, lora_dirs["sd"], "tiny/sd-base")
+    assert push_folder_to_hub(str(folder), "someone/run", token=TOKEN, private=False) == "someone/run"
+    assert hub.created[0]["visibility"] == "public"
+    assert LORA_WEIGHTS_NAME in hub.files and not any(path.startswith("checkpoint-") for path in hub.files)
+
+
+def test_push_reads_the_base_model_from_an_older_card_or_asks_for_it(tmp_path, lora_dirs):
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    shutil.copy(os.path.join(lora_dirs["sd"], LORA_WEIGHTS_NAME), folder)
+    with pytest.raises(ValueError, match="--base_model"):
+        push_lora_to_hub(str(folder), "someone/bare")
+    # A card from before comat_model_card.json existed still names the base model in its metadata.
+    ModelCard("---\nbase_model: tiny/older-base\ntags:\n- comat\n---\n\n# Older card\n").save(folder / "README.md")
+    assert read_model_card_inputs(str(folder)) == {"base_model": "tiny/older-base"}
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_generate_and_activations_write_images(tiny_paths, lora_dirs, tmp_path, capsys):
+    common = ["--base_model", tiny_paths["sd"], "--lora", lora_dirs["sd"], "--num_inference_steps", "2"]
+    common += ["--device", "cpu"]
+    pipeline_comat.main(
+        ["generate", *common, "--prompt", PROMPT, "--prompt", "a blue cat", "--num_images_per_prompt", "2"]
+        + ["--height", "32", "--width", "32", "--output_dir", str(tmp_path / "images")]
+    )
+    printed = capsys.readouterr().out.split()
+    assert sorted(os.listdir(tmp_path / "images")) == sorted(os.path.basename(path) for path in printed)
+    assert len(printed) == 4
+    for path in printed:
+        with PIL.Image.open(path) as image:
+            assert image.size == (32, 32)
+
+    plot = tmp_path / "diagnostics" / "activations.png"
+    pipeline_comat.main(["activations", *common, "--prompt", PROMPT, "--resolution", "32", "--output", str(plot)])
+    summary = json.loads((tmp_path / "diagnostics" / "activations.json").read_text())
+    assert summary["tokens"] == PROMPT_TOKENS and set(summary["activations"]) == {"base", "comat"}
+    with PIL.Image.open(plot) as image:
+        assert image.format == "PNG"
+    assert "vase" in capsys.readouterr().out
+
+
+def test_cli_push_takes_the_token_from_hf_token_and_hides_it(hub, tmp_path, lora_dirs):
+    folder = training_output(tmp_path, lora_dirs["sd"], "tiny/sd-base")
+    sample = tmp_path / "elsewhere.png"
+    PIL.Image.new("RGB", (16, 16), (0, 90, 200)).save(sample)
+    env = script_env()
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_DEBUG="1", HF_HOME=str(tmp_path / "hf_home"))
+    # Launched from outside the project folder, as users launch it.
+    result = subprocess.run(
+        [sys.executable, PIPELINE_FILE, "push", "--lora_dir", str(folder), "--repo_id", "someone/cli-test", "--private",
+         "--sample_images", str(sample), "--sample_prompt", "a blue square"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "Uploaded" in result.stdout and TOKEN not in result.stdout
+    assert hub.authorizations == {f"Bearer {TOKEN}"}
+    assert hub.created[0]["visibility"] == "private"
+    assert hub.files["samples/elsewhere.png"] == sample.read_bytes()
+    card = ModelCard(hub.files["README.md"].decode())
+    assert 'pipe.load_lora_weights("someone/cli-test")' in card.text and "![sample](samples/elsewhere.png)" in card.text
+    assert "Prompt: `a blue square`" in card.text
+    assert all(TOKEN.encode() not in content for content in hub.files.values())
