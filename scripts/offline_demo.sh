@@ -34,3 +34,8 @@ comat = pipe("a red book and a yellow vase", generator=torch.Generator().manual_
 print(f"Loaded comat-demo/pytorch_lora_weights.safetensors into a stock StableDiffusionPipeline; "
       f"mean |CoMat - base| pixel difference: {np.abs(comat - base).mean():.4f}")
 PY
+
+# The paper's diagnostic: how much cross-attention each prompt token gets, base vs CoMat LoRA.
+python pipeline_comat.py activations --base_model tiny-models/sd --lora comat-demo \
+  --prompt "a red book and a yellow vase" --num_inference_steps 10 --resolution 64 \
+  --output comat-demo/token_activations.png
