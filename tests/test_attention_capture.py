@@ -332,6 +332,16 @@ def test_capture_only_inside_capturing_and_with_grad():
     assert store.step_maps == [] and store.maps == {}
 
 
+def test_record_without_grad_for_inference_diagnostics():
+    unet = tiny_sd_unet()
+    store = install_attention_capture(unet, "mid", RESOLUTION, record_without_grad=True)
+    latents, timestep, text = sd_inputs()
+    with store.capturing(), torch.no_grad():
+        unet(latents, timestep, text)
+    assert len(store.step_maps) == 1
+    assert [(tuple(m.shape), m.requires_grad) for m in store.maps[("mid", 32)]] == [((2, 4, 64, TOKENS), False)]
+
+
 def test_cfg_half_needs_even_batch():
     unet = tiny_sd_unet()
     store = install_attention_capture(unet, "mid", RESOLUTION)
