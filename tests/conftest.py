@@ -10,6 +10,10 @@ import torch  # noqa: E402
 
 from utils import tiny_models  # noqa: E402
 
+# The tiny models gain nothing from intra-op threads, and on 2 shared cores the thread synchronisation
+# makes them many times slower. (Training subprocesses get OMP_NUM_THREADS=1 from script_env.)
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):

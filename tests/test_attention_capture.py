@@ -49,15 +49,6 @@ SDXL_UNET_CONFIG = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # The tiny models are far too small to gain from intra-op threads, and on the shared CI cores the
-    # thread synchronisation makes them many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def sd_inputs(batch_size=4, seed=0):
     generator = torch.Generator().manual_seed(seed)

@@ -22,14 +22,6 @@ TOKEN_POSITIONS = [[0, 1], [2]]
 MASKS = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny tensors and models: intra-op threads only add synchronisation cost on the shared CI cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_token_loss_by_hand():
     # Share of each token's attention inside its entity's mask, per head (inside / column total):

@@ -33,16 +33,6 @@ LAST_TIMESTEP = 1
 LATENT_SHAPE = (4, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared CPU two spinning threads make
-    # a UNet call ~20x slower; restored so other test files keep the session setting.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _randomize_lora_b(unet, adapter_name, seed, std=0.1):
     # init_lora_weights="gaussian" only draws lora_A; lora_B starts at zero, so the adapter would be a no-op.
     generator = torch.Generator().manual_seed(seed)

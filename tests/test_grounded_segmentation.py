@@ -31,18 +31,8 @@ NOUNS = [["cat", "hippopotamus"], [], ["Dog", "teddy bear", "dog"]]
 
 
 @pytest.fixture(scope="module")
-def grounding_dino_path(tmp_path_factory):
-    return tiny_models.save_tiny_grounding_dino(str(tmp_path_factory.mktemp("tiny") / "grounding_dino"))
-
-
-@pytest.fixture(scope="module")
-def sam_path(tmp_path_factory):
-    return tiny_models.save_tiny_sam(str(tmp_path_factory.mktemp("tiny") / "sam"))
-
-
-@pytest.fixture(scope="module")
-def detect_everything(grounding_dino_path, sam_path):
-    return GroundedSegmenter.from_pretrained(grounding_dino_path, sam_path, box_threshold=0.0, text_threshold=0.0)
+def detect_everything(tiny_grounding_dino_path, tiny_sam_path):
+    return GroundedSegmenter.from_pretrained(tiny_grounding_dino_path, tiny_sam_path, box_threshold=0.0, text_threshold=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +106,9 @@ def test_sam_chunks_give_the_masks_of_one_call(detect_everything, images, monkey
         torch.testing.assert_close(a, b)
 
 
-def test_box_threshold_above_one_finds_nothing(grounding_dino_path, sam_path, images):
+def test_box_threshold_above_one_finds_nothing(tiny_grounding_dino_path, tiny_sam_path, images):
     segmenter = GroundedSegmenter.from_pretrained(
-        grounding_dino_path, sam_path, box_threshold=1.01, text_threshold=0.0
+        tiny_grounding_dino_path, tiny_sam_path, box_threshold=1.01, text_threshold=0.0
     )
     masks = segmenter(images, NOUNS, mask_size=(8, 8))
     assert [tuple(image_masks.shape) for image_masks in masks] == [(2, 8, 8), (0, 8, 8), (3, 8, 8)]
@@ -184,10 +174,10 @@ def test_normalized_boxes_to_sam_pixel_corners():
 
 
 @pytest.mark.parametrize("size", [(HEIGHT, WIDTH), (WIDTH, HEIGHT), (33, 17)])
-def test_pixel_values_match_the_processors(grounding_dino_path, sam_path, size):
+def test_pixel_values_match_the_processors(tiny_grounding_dino_path, tiny_sam_path, size):
     image, image_uint8 = smooth_image(*size)
 
-    sam_processor = AutoProcessor.from_pretrained(sam_path, backend="pil")
+    sam_processor = AutoProcessor.from_pretrained(tiny_sam_path, backend="pil")
     expected = sam_processor(images=image_uint8, return_tensors="pt")
     pixel_values, resized_size = sam_pixel_values(image[None], sam_processor.image_processor)
     assert resized_size == tuple(expected.reshaped_input_sizes[0].tolist())
@@ -195,15 +185,15 @@ def test_pixel_values_match_the_processors(grounding_dino_path, sam_path, size):
     # uint8 rounding and PIL's resampling differ from the float torch path by a few hundredths
     torch.testing.assert_close(pixel_values, expected.pixel_values, atol=0.05, rtol=0)
 
-    grounding_processor = AutoProcessor.from_pretrained(grounding_dino_path, backend="pil")
+    grounding_processor = AutoProcessor.from_pretrained(tiny_grounding_dino_path, backend="pil")
     expected = grounding_processor.image_processor(images=image_uint8, return_tensors="pt")
     pixel_values = grounding_dino_pixel_values(image[None], grounding_processor.image_processor)
     assert pixel_values.shape == expected.pixel_values.shape
     torch.testing.assert_close(pixel_values, expected.pixel_values, atol=0.05, rtol=0)
 
 
-def test_mask_upsampling_matches_sam_post_processing(sam_path):
-    sam_processor = AutoProcessor.from_pretrained(sam_path, backend="pil")
+def test_mask_upsampling_matches_sam_post_processing(tiny_sam_path):
+    sam_processor = AutoProcessor.from_pretrained(tiny_sam_path, backend="pil")
     low_res_logits = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
     resized_size = (19, 32)  # a 24 x 40 image in SAM's 32 x 32 input
     expected = sam_processor.post_process_masks(low_res_logits[None, :, None], [(HEIGHT, WIDTH)], [resized_size])[0]
@@ -212,20 +202,20 @@ def test_mask_upsampling_matches_sam_post_processing(sam_path):
 
 
 @pytest.mark.parametrize("broken", ["hub id offline", "missing folder", "folder without processor"])
-def test_unloadable_model_names_its_flag(grounding_dino_path, sam_path, tmp_path, broken):
+def test_unloadable_model_names_its_flag(tiny_grounding_dino_path, tiny_sam_path, tmp_path, broken):
     if broken == "hub id offline":
-        paths, flag = ("no-such-org/no-such-model", sam_path), "--grounding_model_name_or_path"
+        paths, flag = ("no-such-org/no-such-model", tiny_sam_path), "--grounding_model_name_or_path"
     elif broken == "missing folder":
-        paths, flag = (grounding_dino_path, str(tmp_path / "missing")), "--sam_model_name_or_path"
+        paths, flag = (tiny_grounding_dino_path, str(tmp_path / "missing")), "--sam_model_name_or_path"
     else:
         for name in ("config.json", "model.safetensors"):
-            shutil.copy(os.path.join(sam_path, name), tmp_path / name)
-        paths, flag = (grounding_dino_path, str(tmp_path)), "--sam_model_name_or_path"
+            shutil.copy(os.path.join(tiny_sam_path, name), tmp_path / name)
+        paths, flag = (tiny_grounding_dino_path, str(tmp_path)), "--sam_model_name_or_path"
     with pytest.raises(OSError, match=flag) as error:
         GroundedSegmenter.from_pretrained(*paths)
     assert "local folder" in str(error.value) and error.value.__cause__ is not None
 
 
-def test_model_of_another_architecture_is_refused(grounding_dino_path):
+def test_model_of_another_architecture_is_refused(tiny_grounding_dino_path):
     with pytest.raises(ValueError, match="--sam_model_name_or_path .* 'grounding-dino' model; expected 'sam'"):
-        GroundedSegmenter.from_pretrained(grounding_dino_path, grounding_dino_path)
+        GroundedSegmenter.from_pretrained(tiny_grounding_dino_path, tiny_grounding_dino_path)

@@ -38,14 +38,6 @@ GENERATION = {"num_inference_steps": 2, "height": 32, "width": 32}
 TOKEN = "hf_comatTestToken0123456789abcdef"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # The tiny models gain nothing from intra-op threads, and on shared CI cores the synchronisation costs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def tiny_paths(tiny_sd_path, tiny_sdxl_path):
