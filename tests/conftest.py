@@ -68,13 +68,13 @@ def launch_command(launcher, script, num_processes=1):
     raise ValueError(launcher)
 
 
-def run_script(launcher, script, args, num_processes=1, timeout=600, check=True):
+def run_script(launcher, script, args, num_processes=1, timeout=600, check=True, extra_env=None):
     """Run a training script in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
     import subprocess
 
     result = subprocess.run(
         launch_command(launcher, script, num_processes) + [str(a) for a in args],
-        env=script_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        env=dict(script_env(), **(extra_env or {})), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited with {result.returncode}:\n{result.stdout[-6000:]}")

@@ -5,15 +5,12 @@ only thing replaced: by :class:`HubStandIn`, a local HTTP server implementing th
 ``create_repo`` and ``upload_folder`` call.
 """
 
-import base64
-import http.server
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import PIL.Image
@@ -26,6 +23,7 @@ from safetensors.torch import load, load_file
 
 import pipeline_comat
 from conftest import REPO_ROOT, script_env
+from hub_stand_in import HubStandIn
 from utils.attention_capture import install_attention_capture, remove_attention_capture
 from utils.hub import LORA_WEIGHTS_NAME, push_folder_to_hub, push_lora_to_hub, read_model_card_inputs, save_model_card
 from utils.training import lora_config, lora_metadata, unet_lora_state_dict
@@ -224,88 +222,6 @@ def test_token_activation_plot_is_a_png(sd_activations, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- Hub push
-
-
-class HubStandIn:
-    """The Hub endpoints that ``create_repo`` and ``upload_folder`` (huggingface_hub 2.x) call, on 127.0.0.1:
-    repo creation, README.md metadata validation, preupload and commit.
-
-    Every file is answered "regular" at preupload, so contents arrive base64-encoded in the commit. Other
-    requests get a 404 and are recorded in :attr:`unexpected`.
-    """
-
-    def __init__(self):
-        self.created = []
-        self.validated = []
-        self.files = {}
-        self.commits = []
-        self.authorizations = set()  # of the API calls (the registry below is fetched without a token)
-        self.unexpected = []
-        stand_in = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                stand_in.authorizations.add(self.headers.get("authorization"))
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                parts = self.path.split("?")[0].strip("/").split("/")
-                if parts == ["api", "repos", "create"]:
-                    payload = json.loads(body)
-                    stand_in.created.append(payload)
-                    self.reply({"url": f"{stand_in.url}/{payload['organization']}/{payload['name']}"})
-                elif parts == ["api", "validate-yaml"]:
-                    # upload_folder has the Hub check the metadata of a README.md before uploading it.
-                    stand_in.validated.append(json.loads(body))
-                    self.reply({"errors": [], "warnings": []})
-                elif parts[:2] == ["api", "models"] and parts[-2] == "preupload":
-                    files = json.loads(body)["files"]
-                    modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
-                    self.reply({"files": modes})
-                elif parts[:2] == ["api", "models"] and parts[-2] == "commit":
-                    lines = [json.loads(line) for line in body.decode().splitlines() if line]
-                    stand_in.commits.append(lines[0]["value"])
-                    for line in lines[1:]:
-                        if line["key"] == "file" and line["value"]["encoding"] == "base64":
-                            stand_in.files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
-                        else:  # LFS pointers or deletions: never asked for by this stand-in's preupload answers
-                            stand_in.unexpected.append(f"commit line {line['key']}")
-                    repo = "/".join(parts[2:4])
-                    self.reply({"commitUrl": f"{stand_in.url}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
-                else:
-                    self.not_found()
-
-            def do_GET(self):
-                if self.path == "/api/agent-harnesses":
-                    # huggingface_hub fetches this registry (once a day) to describe its caller in the user agent.
-                    self.reply({"standardEnvVars": [], "harnesses": {}})
-                else:
-                    self.not_found()
-
-            def not_found(self):
-                stand_in.unexpected.append(f"{self.command} {self.path}")
-                self.reply({"error": "not in the stand-in"}, status=404)
-
-            def reply(self, payload, status=200):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -186,3 +186,29 @@ def test_prompts_without_entities_and_images_without_detections_still_train(tiny
     scalars = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
     assert scalars["entities_per_prompt"] == 0 and scalars["token_loss"] == 0 and scalars["pixel_loss"] == 0
     assert scalars["caption_loss"] > 0 and scalars["discriminator_loss"] > 0
+
+
+def test_push_to_hub_uploads_the_lora_and_never_the_token(tiny_paths, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hub_stand_in import HubStandIn
+
+    token = "hf_trainingTestToken0123456789abcdef"
+    output_dir = str(tmp_path / "pushed")
+    with HubStandIn() as hub:
+        env = dict(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"))
+        result = run_script("python", SCRIPT, tiny_args(
+            tiny_paths, output_dir, max_train_steps=1, no_attribute_concentration=True, no_fidelity_preservation=True,
+            report_to="tensorboard", push_to_hub=True, hub_model_id="someone/comat-test", hub_token=token,
+        ), extra_env=env)
+    assert hub.authorizations == {f"Bearer {token}"}
+    assert hub.files["pytorch_lora_weights.safetensors"] == open(os.path.join(output_dir, "pytorch_lora_weights.safetensors"), "rb").read()
+    card = ModelCard(hub.files["README.md"].decode())
+    assert card.data.base_model == tiny_paths["sd"] and "comat" in card.data.tags
+    assert 'load_lora_weights("someone/comat-test")' in card.text
+    assert token not in result.stdout
+    assert all(token.encode() not in content for content in hub.files.values())
+    for folder, _, files in os.walk(output_dir):  # model card, tracker config (hparams), logs, checkpoints
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                assert token.encode() not in f.read(), f"token written to {name}"
