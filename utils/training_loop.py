@@ -1,8 +1,14 @@
 """The CoMat training loop, shared by ``train_comat.py`` (SD 1.x/2.x) and ``train_comat_sdxl.py`` (SDXL).
 
-:func:`train` reads top to bottom in phases: accelerator, models, modules, optimizers, resume,
-loop, final save. Everything that depends on the model family comes from a *family* object that
-each script defines (see ``StableDiffusionFamily`` in ``train_comat.py``):
+:class:`CoMatIteration` holds the models, modules and optimizers and runs one iteration:
+:meth:`~CoMatIteration.micro_step` (online sample → decode → losses → backward, then the discriminator's
+forward and backward) and :meth:`~CoMatIteration.update` (one optimizer step of both). :func:`train`
+builds it and drives it: accelerator, prompts, resume, loop, checkpoints, final save. The benchmark
+``benchmarks/bench_iteration.py`` drives the same object, with a :class:`PhaseTimer` that says where
+the time goes.
+
+Everything that depends on the model family comes from a *family* object that each script defines
+(see ``StableDiffusionFamily`` in ``train_comat.py``):
 
 * ``pipeline_class`` — the diffusers pipeline class (LoRA saving/loading, validation);
 * ``load(args, weight_dtype)`` — loads and freezes the models, sets ``unet``, ``vae``,
@@ -18,10 +24,13 @@ One iteration (``comat_method.md``): sample online with K gradient steps → dec
 frozen model's reference latents vs. the detached samples.
 """
 
+import contextlib
+import functools
 import logging
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -73,6 +82,70 @@ from .training import (
 
 logger = logging.getLogger(__name__)
 
+# The phases of one iteration, in the order they run (``PhaseTimer`` names). The UNet calls of sampling are
+# split by whether they run with gradient; "generator_backward" is the one backward pass of the generator loss
+# through every module (including the UNet recomputation of gradient checkpointing).
+ITERATION_PHASES = (
+    "text_encoding",
+    "sampling_no_grad",
+    "gradient_steps",
+    "vae_decode",
+    "grounding",
+    "captioner",
+    "attention_losses",
+    "discriminator_g",
+    "generator_backward",
+    "reference_latents",
+    "discriminator_d",
+    "optimizer",
+)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase of an iteration, for benchmarks; does nothing unless enabled.
+
+    Disabled (the default, and always so in training), :meth:`phase` returns one shared no-op context: no
+    clock is read and CUDA is never synchronised. Enabled, CUDA is synchronised when a phase starts and ends,
+    so that the kernels a phase launched are charged to it.
+
+    Phases do not nest: a phase entered while another runs is part of the outer one. So the UNet calls that
+    gradient checkpointing recomputes in backward count as backward, and the base model's sampling of
+    uncached reference latents counts as reference latents.
+    """
+
+    def __init__(self, enabled: bool = False, device=None):
+        self.enabled = enabled
+        self.synchronizes_cuda = device is not None and torch.device(device).type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self._running = False
+
+    def phase(self, name: str):
+        if not self.enabled or self._running:
+            return _NO_PHASE
+        return self._timed(name)
+
+    def reset(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def _timed(self, name):
+        self._synchronize()
+        self._running = True
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self._running = False
+
+    def _synchronize(self):
+        if self.synchronizes_cuda:
+            torch.cuda.synchronize()
+
+
+_NO_PHASE = contextlib.nullcontext()
+
 
 class AttributeConcentration:
     """Module 2: entities → token positions, Grounded-SAM masks, losses on the captured attention maps."""
@@ -99,12 +172,15 @@ class AttributeConcentration:
                 self._entities_by_prompt[prompt] = ([e.noun for e, _ in kept], [positions for _, positions in kept])
         return [self._entities_by_prompt[p] for p in prompts]
 
-    def losses(self, images, prompts):
-        """(token loss, pixel loss, number of entities) of a batch whose maps were captured in ``self.store``."""
-        nouns, token_positions = zip(*self.entities(prompts))
-        masks = self.segmenter(images.detach(), list(nouns))
-        token_loss, pixel_loss = attribute_concentration_losses(self.store.step_maps, masks, list(token_positions))
-        return token_loss, pixel_loss, sum(len(n) for n in nouns)
+    def masks(self, images, prompts):
+        """Per image, the Grounded-SAM mask of each entity noun of its prompt (no gradient)."""
+        return self.segmenter(images.detach(), [nouns for nouns, _ in self.entities(prompts)])
+
+    def losses(self, step_maps, masks, prompts):
+        """(token loss, pixel loss, number of entities) of captured maps (``store.step_maps``) against the masks."""
+        token_positions = [positions for _, positions in self.entities(prompts)]
+        token_loss, pixel_loss = attribute_concentration_losses(step_maps, masks, token_positions)
+        return token_loss, pixel_loss, sum(len(positions) for positions in token_positions)
 
 
 class FidelityPreservation:
@@ -139,12 +215,247 @@ class FidelityPreservation:
         kwargs = self.family.unconditional_unet_kwargs(latents.shape[0])
         return self.discriminator(latents, timestep, kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs"))
 
+    def generator_loss(self, latents, timestep):
+        """The generator's adversarial loss on its samples (D frozen: only the generator gets gradient)."""
+        return generator_adversarial_loss(self.logits(latents, timestep))
+
+    @contextlib.contextmanager
+    def trainable(self):
+        """D's LoRA and head take gradient inside the block (its own step) and are frozen again after it."""
+        self.discriminator.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.discriminator.requires_grad_(False)
+
+    def discriminator_losses(self, real_latents, fake_latents, timestep):
+        """D's loss on the reference ("real") and detached generated ("fake") latents, and its accuracies."""
+        real_logits = self.logits(real_latents.to(fake_latents.dtype), timestep)
+        fake_logits = self.logits(fake_latents, timestep)
+        accuracy_real, accuracy_fake = discriminator_accuracy(real_logits, fake_logits)
+        return {
+            "discriminator_loss": discriminator_loss(real_logits, fake_logits),
+            "discriminator_accuracy_real": accuracy_real,
+            "discriminator_accuracy_fake": accuracy_fake,
+        }
+
+
+class CoMatIteration:
+    """The models, modules and optimizers of a CoMat run, and one iteration on them.
+
+    Building it loads every model (bad input raises ``ModelLoadError``, ``ValueError`` or ``OSError`` with a
+    message naming the flag), adds the generator LoRA and makes both optimizers and the LR schedule. Then
+    each optimizer step is ``gradient_accumulation_steps`` calls of :meth:`micro_step` and one of
+    :meth:`update`. ``timer`` (a :class:`PhaseTimer`, disabled by default) times the phases of both.
+
+    Args:
+        args: the parsed flags of ``train_comat.py`` / ``train_comat_sdxl.py``.
+        family: the model family (see the module docstring); its ``load`` is called here.
+        accelerator: the run's ``accelerate.Accelerator``.
+        max_train_steps: optimizer steps of the run (the LR schedule's length).
+        timer: where the phases are timed.
+    """
+
+    def __init__(self, args, family, accelerator, max_train_steps, timer=None):
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
+
+        self.args, self.family, self.accelerator = args, family, accelerator
+        self.timer = timer if timer is not None else PhaseTimer()
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+        # ---- Models and modules --------------------------------------------------------------------
+        family.load(args, self.weight_dtype)
+        self.caption_scorer = CaptionScorer.from_pretrained(
+            args.caption_model_name_or_path, prefix=args.caption_prefix, dtype=self.weight_dtype, cache_dir=args.cache_dir
+        )
+        self.unet, self.vae = family.unet, family.vae
+        for model in (self.unet, self.vae, *family.text_encoders):
+            model.to(accelerator.device)
+        self.caption_scorer.to(accelerator.device)
+        vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.unet.add_adapter(lora_config(args.rank, args.lora_alpha))
+        self.lora_parameters = trainable_parameters(self.unet)
+        self.attribute_concentration = (
+            AttributeConcentration(args, family, accelerator.device, vae_scale_factor) if args.attribute_concentration else None
+        )
+        self.fidelity = FidelityPreservation(args, family, accelerator) if args.fidelity_preservation else None
+        if args.gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+
+        # ---- Generator LoRA (fp32 under mixed precision), identical on every process ----------------
+        if self.weight_dtype != torch.float32:
+            cast_training_params(self.unet, dtype=torch.float32)  # the generator LoRA (D's adapter is fp32 already)
+        broadcast_parameters(self.lora_parameters, accelerator)
+        if self.fidelity is not None:
+            broadcast_parameters(self.fidelity.parameters, accelerator)
+
+        # ---- Optimizers, LR schedule ----------------------------------------------------------------
+        if args.scale_lr:
+            args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        optimizer_class = torch.optim.AdamW
+        if args.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            optimizer_class = bnb.optim.AdamW8bit
+        optimizer = optimizer_class(
+            self.lora_parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        )
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+        )
+        self.optimizer = accelerator.prepare(optimizer)
+        if self.fidelity is not None:
+            self.fidelity.optimizer = accelerator.prepare(self.fidelity.optimizer)
+        self.nonfinite_guard = NonFiniteGuard(args.max_nonfinite_steps)
+
+        # ---- Sampling ----------------------------------------------------------------------------------
+        latent_side = args.resolution // vae_scale_factor
+        self.latent_shape = (args.train_batch_size, self.unet.config.in_channels, latent_side, latent_side)
+        self.sampling_scheduler = make_sampling_scheduler(args.sampler, family.scheduler_config)
+        self.max_crop = args.resolution // 224
+
+    @property
+    def optimizers(self):
+        return [self.optimizer] + ([self.fidelity.optimizer] if self.fidelity is not None else [])
+
+    @property
+    def checkpointed_modules(self):
+        """What a checkpoint holds besides the LoRA, the optimizers and the LR schedule."""
+        return [self.fidelity.discriminator] if self.fidelity is not None else []
+
+    def save_lora(self, directory):
+        self.family.pipeline_class.save_lora_weights(
+            directory, unet_lora_layers=unet_lora_state_dict(self.unet), unet_lora_adapter_metadata=lora_metadata(self.unet)
+        )
+
+    def load_lora(self, directory):
+        load_unet_lora(self.unet, self.family.pipeline_class, directory)
+
+    def predict_noise(self, latent_model_input, t, unet_kwargs):
+        """The UNet call of every sampling step, on the classifier-free-guidance batch ``[uncond; cond]``."""
+        with self.timer.phase("gradient_steps" if torch.is_grad_enabled() else "sampling_no_grad"):
+            return self.unet(latent_model_input.to(self.unet.dtype), t, **unet_kwargs).sample.float()
+
+    def sample(self, unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator):
+        """Online sampling from ``latents`` (unit noise) to the clean latents, differentiable at ``gradient_steps``."""
+        args = self.args
+        attention_capture = self.attribute_concentration.store.capturing if self.attribute_concentration is not None else None
+        return sample_with_gradient(
+            functools.partial(self.predict_noise, unet_kwargs=unet_kwargs), self.sampling_scheduler,
+            latents * self.sampling_scheduler.init_noise_sigma, num_inference_steps, gradient_steps, args.guidance_scale,
+            args.guidance_rescale, args.detach_unet_input, args.gradient_checkpointing, attention_steps,
+            attention_capture, generator,
+        )
+
+    def reference_latents(self, prompts):
+        """The frozen base model's samples (generator LoRA off) for these prompts, cached on disk.
+
+        Each prompt has its own noise seed and is sampled alone, so its reference latents do not depend on
+        which batch, process or run asks for them first."""
+        def generate(missing_prompts):
+            latents = []
+            with torch.no_grad(), lora_disabled(self.unet):
+                for prompt in missing_prompts:
+                    generator = torch.Generator().manual_seed(reference_noise_seed(prompt, self.args.seed))
+                    noise = torch.randn((1, *self.latent_shape[1:]), generator=generator).to(self.accelerator.device)
+                    unet_kwargs = self.family.unet_kwargs([prompt])
+                    latents.append(self.sample(unet_kwargs, noise, self.args.num_inference_steps, [], [], generator))
+            return torch.cat(latents)
+
+        return self.fidelity.cache.get_or_create(prompts, generate).to(self.accelerator.device)
+
+    def micro_step(self, batch_prompts, micro_step):
+        """Generator, then discriminator: forward and backward on one batch (gradients accumulate).
+
+        The sampling noise, gradient steps and crop are functions of (seed, ``micro_step``, process). Returns
+        the losses (tensors, for logging) and whether they are finite; a non-finite loss is not back-propagated.
+        """
+        args, timer = self.args, self.timer
+        generator = sampling_generator(args.seed, micro_step, self.accelerator.process_index)
+        gradient_steps = select_gradient_steps(args.num_inference_steps, args.num_grad_steps, generator)
+        attention_steps = []
+        if self.attribute_concentration is not None:
+            attention_steps = select_attention_steps(gradient_steps, args.attention_loss_steps, generator)
+            self.attribute_concentration.store.clear()
+
+        # Generator: online sample → decode → losses.
+        latents = torch.randn(self.latent_shape, generator=generator).to(self.accelerator.device)
+        with timer.phase("text_encoding"):
+            unet_kwargs = self.family.unet_kwargs(batch_prompts)
+        clean_latents = self.sample(unet_kwargs, latents, args.num_inference_steps, gradient_steps, attention_steps, generator)
+        with timer.phase("vae_decode"):
+            images = decode_latents(self.vae, clean_latents)
+        if self.attribute_concentration is not None:
+            # Before the captioner: its activations, kept for backward, are not alive yet while Grounded-SAM runs.
+            with timer.phase("grounding"):
+                masks = self.attribute_concentration.masks(images, batch_prompts)
+        with timer.phase("captioner"):
+            caption_loss = self.caption_scorer.loss(images, batch_prompts, args.caption_loss_reduction, generator, self.max_crop)
+        losses = {"caption_loss": caption_loss}
+        loss = args.caption_loss_weight * caption_loss
+        if self.attribute_concentration is not None:
+            with timer.phase("attention_losses"):
+                token_loss, pixel_loss, num_entities = self.attribute_concentration.losses(
+                    self.attribute_concentration.store.step_maps, masks, batch_prompts
+                )
+            losses.update(token_loss=token_loss, pixel_loss=pixel_loss)
+            loss = loss + args.token_loss_weight * token_loss + args.pixel_loss_weight * pixel_loss
+            losses["entities_per_prompt"] = torch.tensor(num_entities / len(batch_prompts))
+        final_timestep = self.sampling_scheduler.timesteps[-1]
+        if self.fidelity is not None:
+            with timer.phase("discriminator_g"):
+                losses["adversarial_loss_g"] = self.fidelity.generator_loss(clean_latents, final_timestep)
+            loss = loss + args.adversarial_loss_weight * losses["adversarial_loss_g"]
+        losses["loss"] = loss
+        is_finite = bool(torch.isfinite(loss).item())
+        if is_finite:
+            with timer.phase("generator_backward"):
+                self.accelerator.backward(loss / args.gradient_accumulation_steps)
+        if self.attribute_concentration is not None:
+            self.attribute_concentration.store.clear()
+
+        # Discriminator: reference latents of the frozen model ("real") vs. detached samples ("fake").
+        if self.fidelity is not None:
+            with timer.phase("reference_latents"):
+                real_latents = self.reference_latents(batch_prompts)
+            with timer.phase("discriminator_d"), self.fidelity.trainable():
+                losses.update(self.fidelity.discriminator_losses(real_latents, clean_latents.detach(), final_timestep))
+                is_finite &= bool(torch.isfinite(losses["discriminator_loss"]).item())
+                if is_finite:
+                    self.accelerator.backward(losses["discriminator_loss"] / args.gradient_accumulation_steps)
+        return losses, is_finite
+
+    def update(self, step_loss_is_finite, global_step):
+        """One generator step, then one discriminator step, and gradients reset. All processes skip a step together
+        when any had a non-finite loss or gradient. Returns the gradient norms, for logging."""
+        args, accelerator = self.args, self.accelerator
+        logs = {}
+        with self.timer.phase("optimizer"):
+            update_is_finite = not any_process(not step_loss_is_finite, accelerator)
+            if update_is_finite:
+                all_reduce_gradients(self.lora_parameters, accelerator)
+                logs["grad_norm"] = accelerator.clip_grad_norm_(self.lora_parameters, args.max_grad_norm).item()
+                if self.fidelity is not None:
+                    all_reduce_gradients(self.fidelity.parameters, accelerator)
+                    logs["discriminator_grad_norm"] = accelerator.clip_grad_norm_(
+                        self.fidelity.parameters, args.discriminator_max_grad_norm
+                    ).item()
+                # Under fp16 the grad scaler skips overflowing steps itself; otherwise an inf norm is ours to skip.
+                update_is_finite = accelerator.scaler is not None or all(math.isfinite(norm) for norm in logs.values())
+            if self.nonfinite_guard.check(update_is_finite, global_step):
+                for optimizer in self.optimizers:
+                    optimizer.step()
+                self.lr_scheduler.step()
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+        return logs
+
 
 def train(args, family):
     # ---- Accelerator, logging, seed ----------------------------------------------------------------
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     accelerator = make_accelerator(args)
@@ -155,72 +466,24 @@ def train(args, family):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # ---- Models, prompts, modules (bad input ends here with a message, not a traceback) ------------
+    # ---- Prompts, models, modules, optimizers (bad input ends here with a message, not a traceback) --
     try:
-        family.load(args, weight_dtype)
-        caption_scorer = CaptionScorer.from_pretrained(
-            args.caption_model_name_or_path, prefix=args.caption_prefix, dtype=weight_dtype, cache_dir=args.cache_dir
-        )
         prompts = load_prompts(args.train_data, args.text_column, args.cache_dir)
-        unet, vae = family.unet, family.vae
-        for model in (unet, vae, *family.text_encoders):
-            model.to(accelerator.device)
-        caption_scorer.to(accelerator.device)
-        vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        unet.add_adapter(lora_config(args.rank, args.lora_alpha))
-        lora_parameters = trainable_parameters(unet)
-        attribute_concentration = (
-            AttributeConcentration(args, family, accelerator.device, vae_scale_factor) if args.attribute_concentration else None
-        )
-        fidelity = FidelityPreservation(args, family, accelerator) if args.fidelity_preservation else None
+        max_train_steps = total_train_steps(args, len(prompts), accelerator.num_processes)
+        comat = CoMatIteration(args, family, accelerator, max_train_steps)
     except (ModelLoadError, ValueError, OSError) as error:
         logger.error(str(error))
         raise SystemExit(2) from None
     warn_about_long_prompts(prompts, family.tokenizers)
-    if args.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
 
-    # ---- Generator LoRA (fp32 under mixed precision), identical on every process --------------------
-    if weight_dtype != torch.float32:
-        cast_training_params(unet, dtype=torch.float32)  # the generator LoRA (D's adapter is fp32 already)
-    broadcast_parameters(lora_parameters, accelerator)
-    if fidelity is not None:
-        broadcast_parameters(fidelity.parameters, accelerator)
-
-    # ---- Optimizers, LR schedule, prompt order ------------------------------------------------------
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer_class = torch.optim.AdamW
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    optimizer = optimizer_class(
-        lora_parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
-    max_train_steps = total_train_steps(args, len(prompts), accelerator.num_processes)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps)
-    optimizers = [accelerator.prepare(optimizer)]
-    if fidelity is not None:
-        fidelity.optimizer = accelerator.prepare(fidelity.optimizer)
-        optimizers.append(fidelity.optimizer)
-    extra_states = [fidelity.discriminator] if fidelity is not None else []
-
-    def save_lora(directory):
-        family.pipeline_class.save_lora_weights(
-            directory, unet_lora_layers=unet_lora_state_dict(unet), unet_lora_adapter_metadata=lora_metadata(unet)
-        )
-
-    def load_lora(directory):
-        load_unet_lora(unet, family.pipeline_class, directory)
-
+    # ---- Resume, prompt order -----------------------------------------------------------------------
     global_step = 0
     resume_dir = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume_dir is not None:
-        state = load_checkpoint(accelerator, resume_dir, load_lora, optimizers, [lr_scheduler], extra_states)
+        state = load_checkpoint(
+            accelerator, resume_dir, comat.load_lora, comat.optimizers, [comat.lr_scheduler], comat.checkpointed_modules
+        )
         global_step = state["global_step"]
         logger.info(f"Resumed from {resume_dir} at step {global_step}")
 
@@ -232,53 +495,22 @@ def train(args, family):
     if accelerator.is_main_process:
         accelerator.init_trackers("comat", config=public_training_settings(args))
 
-    # ---- Training loop -----------------------------------------------------------------------------
-    latent_side = args.resolution // vae_scale_factor
-    latent_shape = (args.train_batch_size, unet.config.in_channels, latent_side, latent_side)
-    sampling_scheduler = make_sampling_scheduler(args.sampler, family.scheduler_config)
-    nonfinite_guard = NonFiniteGuard(args.max_nonfinite_steps)
-    max_crop = args.resolution // 224
-    attention_capture = attribute_concentration.store.capturing if attribute_concentration is not None else None
-
-    def sample(unet_kwargs, latents, gradient_steps, attention_steps, generator):
-        def denoise(latent_model_input, t):
-            return unet(latent_model_input.to(unet.dtype), t, **unet_kwargs).sample.float()
-
-        return sample_with_gradient(
-            denoise, sampling_scheduler, latents * sampling_scheduler.init_noise_sigma, args.num_inference_steps,
-            gradient_steps, args.guidance_scale, args.guidance_rescale, args.detach_unet_input,
-            args.gradient_checkpointing, attention_steps, attention_capture, generator,
-        )
-
-    def reference_latents(batch_prompts):
-        """The frozen base model's samples (generator LoRA off) for these prompts, cached on disk.
-
-        Each prompt has its own noise seed and is sampled alone, so its reference latents do not depend on
-        which batch, process or run asks for them first."""
-        def generate(missing_prompts):
-            latents = []
-            with torch.no_grad(), lora_disabled(unet):
-                for prompt in missing_prompts:
-                    generator = torch.Generator().manual_seed(reference_noise_seed(prompt, args.seed))
-                    noise = torch.randn((1, *latent_shape[1:]), generator=generator).to(accelerator.device)
-                    latents.append(sample(family.unet_kwargs([prompt]), noise, [], [], generator))
-            return torch.cat(latents)
-
-        return fidelity.cache.get_or_create(batch_prompts, generate).to(accelerator.device)
-
     def checkpoint(step):
         save_checkpoint(
-            accelerator, args.output_dir, step, save_lora, optimizers, [lr_scheduler],
-            {"micro_step": step * args.gradient_accumulation_steps}, extra_states, args.checkpoints_total_limit,
+            accelerator, args.output_dir, step, comat.save_lora, comat.optimizers, [comat.lr_scheduler],
+            {"micro_step": step * args.gradient_accumulation_steps}, comat.checkpointed_modules, args.checkpoints_total_limit,
         )
 
+    # ---- Training loop -----------------------------------------------------------------------------
     logger.info(
         f"{len(prompts)} prompts, {max_train_steps} optimizer steps, batch {args.train_batch_size} × "
         f"{accelerator.num_processes} processes × {args.gradient_accumulation_steps} accumulation; modules: concept matching"
-        + (", attribute concentration" if attribute_concentration else "") + (", fidelity preservation" if fidelity else "")
+        + (", attribute concentration" if comat.attribute_concentration else "")
+        + (", fidelity preservation" if comat.fidelity else "")
     )
     progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     batches = iter(dataloader)
+    nonfinite_guard = comat.nonfinite_guard
     interrupted = None
     with InterruptionHandler() as interruption:
         while global_step < max_train_steps:
@@ -286,71 +518,14 @@ def train(args, family):
             step_loss_is_finite = True
             for accumulation_index in range(args.gradient_accumulation_steps):
                 micro_step = global_step * args.gradient_accumulation_steps + accumulation_index
-                batch_prompts = next(batches)
-                generator = sampling_generator(args.seed, micro_step, accelerator.process_index)
-                gradient_steps = select_gradient_steps(args.num_inference_steps, args.num_grad_steps, generator)
-                attention_steps = []
-                if attribute_concentration is not None:
-                    attention_steps = select_attention_steps(gradient_steps, args.attention_loss_steps, generator)
-                    attribute_concentration.store.clear()
-
-                # Generator: online sample → decode → losses.
-                latents = torch.randn(latent_shape, generator=generator).to(accelerator.device)
-                clean_latents = sample(family.unet_kwargs(batch_prompts), latents, gradient_steps, attention_steps, generator)
-                images = decode_latents(vae, clean_latents)
-                losses = {"caption_loss": caption_scorer.loss(images, batch_prompts, args.caption_loss_reduction, generator, max_crop)}
-                loss = args.caption_loss_weight * losses["caption_loss"]
-                if attribute_concentration is not None:
-                    losses["token_loss"], losses["pixel_loss"], num_entities = attribute_concentration.losses(images, batch_prompts)
-                    loss = loss + args.token_loss_weight * losses["token_loss"] + args.pixel_loss_weight * losses["pixel_loss"]
-                    losses["entities_per_prompt"] = torch.tensor(num_entities / len(batch_prompts))
-                if fidelity is not None:
-                    final_timestep = sampling_scheduler.timesteps[-1]
-                    losses["adversarial_loss_g"] = generator_adversarial_loss(fidelity.logits(clean_latents, final_timestep))
-                    loss = loss + args.adversarial_loss_weight * losses["adversarial_loss_g"]
-                losses["loss"] = loss
-                step_loss_is_finite &= bool(torch.isfinite(loss).item())
-                if step_loss_is_finite:
-                    accelerator.backward(loss / args.gradient_accumulation_steps)
-                if attribute_concentration is not None:
-                    attribute_concentration.store.clear()
-
-                # Discriminator: reference latents of the frozen model ("real") vs. detached samples ("fake").
-                if fidelity is not None:
-                    real_latents = reference_latents(batch_prompts)
-                    fidelity.discriminator.requires_grad_(True)
-                    real_logits = fidelity.logits(real_latents.to(clean_latents.dtype), final_timestep)
-                    fake_logits = fidelity.logits(clean_latents.detach(), final_timestep)
-                    losses["discriminator_loss"] = discriminator_loss(real_logits, fake_logits)
-                    losses["discriminator_accuracy_real"], losses["discriminator_accuracy_fake"] = discriminator_accuracy(real_logits, fake_logits)
-                    step_loss_is_finite &= bool(torch.isfinite(losses["discriminator_loss"]).item())
-                    if step_loss_is_finite:
-                        accelerator.backward(losses["discriminator_loss"] / args.gradient_accumulation_steps)
-                    fidelity.discriminator.requires_grad_(False)
+                losses, loss_is_finite = comat.micro_step(next(batches), micro_step)
+                step_loss_is_finite &= loss_is_finite
                 for name, value in losses.items():
                     logs[name] = logs.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
-
-            # One generator step, then one discriminator step (all processes skip together).
-            update_is_finite = not any_process(not step_loss_is_finite, accelerator)
-            if update_is_finite:
-                all_reduce_gradients(lora_parameters, accelerator)
-                logs["grad_norm"] = accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm).item()
-                if fidelity is not None:
-                    all_reduce_gradients(fidelity.parameters, accelerator)
-                    logs["discriminator_grad_norm"] = accelerator.clip_grad_norm_(fidelity.parameters, args.discriminator_max_grad_norm).item()
-                # Under fp16 the grad scaler skips overflowing steps itself; otherwise an inf norm is ours to skip.
-                update_is_finite = accelerator.scaler is not None or all(
-                    math.isfinite(logs[k]) for k in ("grad_norm", "discriminator_grad_norm") if k in logs
-                )
-            if nonfinite_guard.check(update_is_finite, global_step):
-                for opt in optimizers:
-                    opt.step()
-                lr_scheduler.step()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+            logs.update(comat.update(step_loss_is_finite, global_step))
             global_step += 1
             progress.update(1)
-            logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_nonfinite_steps=nonfinite_guard.total_skipped)
+            logs.update(lr=comat.lr_scheduler.get_last_lr()[0], skipped_nonfinite_steps=nonfinite_guard.total_skipped)
             progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
             accelerator.log(logs, step=global_step)
 
@@ -369,7 +544,7 @@ def train(args, family):
             if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
                 checkpoint(global_step)
             if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(args, accelerator, family, weight_dtype, global_step)
+                log_validation(args, accelerator, family, comat.weight_dtype, global_step)
     progress.close()
 
     if interrupted is not None:
@@ -379,10 +554,10 @@ def train(args, family):
         sys.exit(128 + interrupted)
 
     # ---- Final LoRA, validation, model card, Hub --------------------------------------------------
-    check_replicas_in_sync(lora_parameters, accelerator)
+    check_replicas_in_sync(comat.lora_parameters, accelerator)
     if accelerator.is_main_process:
-        save_lora(args.output_dir)
-        image_paths = log_validation(args, accelerator, family, weight_dtype, global_step) if args.validation_prompt else []
+        comat.save_lora(args.output_dir)
+        image_paths = log_validation(args, accelerator, family, comat.weight_dtype, global_step) if args.validation_prompt else []
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         save_model_card(
             args.output_dir, args.pretrained_model_name_or_path, family.pipeline_class.__name__, public_training_settings(args),
