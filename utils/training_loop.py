@@ -197,10 +197,12 @@ class FidelityPreservation:
             ).to(accelerator.device)
         self.discriminator.head.to(accelerator.device)
         self.parameters = self.discriminator.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=args.discriminator_learning_rate,
-            betas=(args.discriminator_adam_beta1, args.discriminator_adam_beta2), weight_decay=args.adam_weight_decay,
-        )
+        # D's parameter group of the run's single optimizer (see CoMatIteration: one optimizer, one grad scaler).
+        self.param_group = {
+            "params": self.parameters, "lr": args.discriminator_learning_rate,
+            "betas": (args.discriminator_adam_beta1, args.discriminator_adam_beta2),
+            "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon,
+        }
         cache_dir = args.reference_latents_dir or os.path.join(args.output_dir, "reference_latents")
         self.cache = ReferenceLatentCache(cache_dir, {
             "base_model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant,
@@ -238,6 +240,10 @@ class FidelityPreservation:
             "discriminator_accuracy_real": accuracy_real,
             "discriminator_accuracy_fake": accuracy_fake,
         }
+
+
+def _constant_learning_rate(step):
+    return 1.0
 
 
 class CoMatIteration:
@@ -298,16 +304,25 @@ class CoMatIteration:
             import bitsandbytes as bnb
 
             optimizer_class = bnb.optim.AdamW8bit
+        # One optimizer, two parameter groups (generator LoRA; discriminator LoRA + head): under fp16 a single
+        # grad scaler must unscale and step all gradients once per iteration — with two accelerate optimizers it
+        # would unscale the second one twice. Updating both groups in one step is the recipe's "D step after the
+        # G step": D's gradients come from detached samples, the generator's from a frozen D.
+        param_groups = [{"params": self.lora_parameters}]
+        if self.fidelity is not None:
+            param_groups.append(self.fidelity.param_group)
         optimizer = optimizer_class(
-            self.lora_parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+            param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
         )
         self.lr_scheduler = get_scheduler(
             args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
         )
-        self.optimizer = accelerator.prepare(optimizer)
         if self.fidelity is not None:
-            self.fidelity.optimizer = accelerator.prepare(self.fidelity.optimizer)
+            # --lr_scheduler shapes the generator's learning rate; the discriminator's stays constant (recipe).
+            self.lr_scheduler.lr_lambdas[1] = _constant_learning_rate
+            optimizer.param_groups[1]["lr"] = args.discriminator_learning_rate  # undo the schedule's step 0
+        self.optimizer = accelerator.prepare(optimizer)
         self.nonfinite_guard = NonFiniteGuard(args.max_nonfinite_steps)
 
         # ---- Sampling ----------------------------------------------------------------------------------
@@ -315,10 +330,6 @@ class CoMatIteration:
         self.latent_shape = (args.train_batch_size, self.unet.config.in_channels, latent_side, latent_side)
         self.sampling_scheduler = make_sampling_scheduler(args.sampler, family.scheduler_config)
         self.max_crop = args.resolution // 224
-
-    @property
-    def optimizers(self):
-        return [self.optimizer] + ([self.fidelity.optimizer] if self.fidelity is not None else [])
 
     @property
     def checkpointed_modules(self):
@@ -435,21 +446,20 @@ class CoMatIteration:
         with self.timer.phase("optimizer"):
             update_is_finite = not any_process(not step_loss_is_finite, accelerator)
             if update_is_finite:
+                accelerator.unscale_gradients()  # once, for both groups (a no-op without fp16)
                 all_reduce_gradients(self.lora_parameters, accelerator)
-                logs["grad_norm"] = accelerator.clip_grad_norm_(self.lora_parameters, args.max_grad_norm).item()
+                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.lora_parameters, args.max_grad_norm).item()
                 if self.fidelity is not None:
                     all_reduce_gradients(self.fidelity.parameters, accelerator)
-                    logs["discriminator_grad_norm"] = accelerator.clip_grad_norm_(
+                    logs["discriminator_grad_norm"] = torch.nn.utils.clip_grad_norm_(
                         self.fidelity.parameters, args.discriminator_max_grad_norm
                     ).item()
                 # Under fp16 the grad scaler skips overflowing steps itself; otherwise an inf norm is ours to skip.
                 update_is_finite = accelerator.scaler is not None or all(math.isfinite(norm) for norm in logs.values())
             if self.nonfinite_guard.check(update_is_finite, global_step):
-                for optimizer in self.optimizers:
-                    optimizer.step()
+                self.optimizer.step()
                 self.lr_scheduler.step()
-            for optimizer in self.optimizers:
-                optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
         return logs
 
 
@@ -482,7 +492,7 @@ def train(args, family):
     resume_dir = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume_dir is not None:
         state = load_checkpoint(
-            accelerator, resume_dir, comat.load_lora, comat.optimizers, [comat.lr_scheduler], comat.checkpointed_modules
+            accelerator, resume_dir, comat.load_lora, [comat.optimizer], [comat.lr_scheduler], comat.checkpointed_modules
         )
         global_step = state["global_step"]
         logger.info(f"Resumed from {resume_dir} at step {global_step}")
@@ -497,7 +507,7 @@ def train(args, family):
 
     def checkpoint(step):
         save_checkpoint(
-            accelerator, args.output_dir, step, comat.save_lora, comat.optimizers, [comat.lr_scheduler],
+            accelerator, args.output_dir, step, comat.save_lora, [comat.optimizer], [comat.lr_scheduler],
             {"micro_step": step * args.gradient_accumulation_steps}, comat.checkpointed_modules, args.checkpoints_total_limit,
         )
 
