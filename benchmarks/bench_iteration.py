@@ -52,7 +52,7 @@ Commands (the README's Performance section; a 2-core CPU, one thread)::
       --num_grad_steps 2 --batch_size 2 --iterations 3 --scaling --scaling_inference_steps 4 8 16 32 \\
       --scaling_grad_steps 1 2 4 8 --output bench_tiny_scaling.json
     OMP_NUM_THREADS=1 python benchmarks/bench_iteration.py --arch sd15 --resolution 128 \\
-      --num_inference_steps 4 --num_grad_steps 2 --batch_size 1 --iterations 3 --output bench_sd15.json
+      --num_inference_steps 4 --num_grad_steps 2 --batch_size 1 --iterations 3 --output bench_sd15_128.json
     OMP_NUM_THREADS=1 python benchmarks/bench_iteration.py --arch sd15 --resolution 128 \\
       --num_inference_steps 4 --num_grad_steps 2 --batch_size 1 --iterations 2 --reference_style \\
       --no_isolated_phases --output bench_sd15_reference.json
