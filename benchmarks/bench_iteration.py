@@ -11,7 +11,8 @@ all three modules — on models built from their published architectures with ra
 The models are written once to ``--model_dir`` and loaded through the training scripts' own loading code.
 Each configuration runs in a fresh subprocess, so that on CPU the peak resident set size is that
 configuration's; it is the high-water mark of the timed iterations (reset through ``/proc/self/clear_refs``
-once the models are loaded). On CUDA it is ``torch.cuda.max_memory_allocated`` over the timed iterations.
+once the models are loaded). RSS also counts what glibc keeps after frees, so identical runs differ by a few
+percent. On CUDA it is ``torch.cuda.max_memory_allocated`` over the timed iterations.
 
 Reported per configuration:
 
