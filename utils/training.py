@@ -134,8 +134,9 @@ def validate_args(args, parser):
         parser.error(f"--num_grad_steps {args.num_grad_steps} must be between 1 and --num_inference_steps ({args.num_inference_steps}).")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
-    if args.report_to == "wandb" and args.hub_token is not None:
-        parser.error("--hub_token together with --report_to wandb would expose the token in the run config: log in with `huggingface-cli login` (or set HF_TOKEN) instead.")
+    # Tracker configs never get the token (public_training_settings), but wandb also records the command line.
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error(f"--hub_token together with --report_to {args.report_to} would expose the token in wandb's record of the command line: log in with `huggingface-cli login` (or set HF_TOKEN) instead.")
     if args.max_train_steps is None and args.num_train_epochs is None:
         parser.error("Give --max_train_steps or --num_train_epochs.")
     if args.attribute_concentration and not 1 <= args.attention_loss_steps <= args.num_grad_steps:
