@@ -28,7 +28,7 @@ from diffusers import StableDiffusionPipeline
 
 from utils.attention_capture import SD_DEFAULT_ATTENTION_LAYERS
 from utils.model_loading import is_sdxl_checkpoint, load_pretrained, read_model_index
-from utils.training import add_training_arguments, validate_args
+from utils.training import add_training_arguments, resolve_resolution, validate_args
 from utils.training_loop import train
 
 # Defaults = the SD1.5 recipe of comat_method.md.
@@ -81,6 +81,7 @@ class StableDiffusionFamily:
         self.scheduler_config = load_pretrained(DDPMScheduler, base, flag, subfolder="scheduler", **common).config
         for model in (self.text_encoder, self.vae, self.unet):
             model.requires_grad_(False)
+        resolve_resolution(args, self.unet, self.vae)
         self.tokenizers, self.text_encoders = [self.tokenizer], [self.text_encoder]
         self._negative_embeds = None
 

@@ -32,7 +32,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from utils.attention_capture import SDXL_DEFAULT_ATTENTION_LAYERS
 from utils.model_loading import is_sdxl_checkpoint, load_pretrained, read_model_index
-from utils.training import add_training_arguments, validate_args
+from utils.training import add_training_arguments, resolve_resolution, validate_args
 from utils.training_loop import train
 
 # Defaults = the SDXL recipe of comat_method.md, at SDXL's native resolution.
@@ -52,8 +52,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(parser, SDXL_RECIPE)
     sdxl = parser.add_argument_group("SDXL")
-    sdxl.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None, help="Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (decodes in fp16). Without it, under fp16 the VAE runs in fp32.")
-    sdxl.add_argument("--pretrained_unet_model_name_or_path", type=str, default=None, help="Another UNet (a diffusers UNet folder or Hub id), e.g. the recipe's UNet fine-tuned at 512 px.")
+    sdxl.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None, help="Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (decodes in fp16). Under fp16 a VAE whose config sets force_upcast (SDXL's own) runs in fp32. Loaded without the base model's --revision/--variant.")
+    sdxl.add_argument("--pretrained_unet_model_name_or_path", type=str, default=None, help="Another UNet (a diffusers UNet folder or Hub id), e.g. the recipe's UNet fine-tuned at 512 px. Loaded without the base model's --revision/--variant.")
     return parser
 
 
@@ -91,20 +91,23 @@ class StableDiffusionXLFamily:
             load_pretrained(CLIPTextModel, base, flag, subfolder="text_encoder", **weights),
             load_pretrained(CLIPTextModelWithProjection, base, flag, subfolder="text_encoder_2", **weights),
         ]
+        # A separate VAE or UNet is another checkpoint: the base model's --revision/--variant are not its own.
         if args.pretrained_vae_model_name_or_path:
-            self.vae = load_pretrained(AutoencoderKL, args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", dtype=weight_dtype, **common)
+            self.vae = load_pretrained(AutoencoderKL, args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path", cache_dir=args.cache_dir)
         else:
-            # SDXL's own VAE overflows in fp16: decode in fp32 (bf16 has the range and stays as is).
-            vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
-            self.vae = load_pretrained(AutoencoderKL, base, flag, subfolder="vae", variant=args.variant, dtype=vae_dtype, **common)
+            self.vae = load_pretrained(AutoencoderKL, base, flag, subfolder="vae", variant=args.variant, **common)
+        # A VAE that overflows in fp16 says so with force_upcast (SDXL's own does; the fp16-fixed one does not):
+        # it decodes in fp32 under fp16. bf16 has the range and stays as is.
+        upcast_vae = weight_dtype == torch.float16 and self.vae.config.get("force_upcast", True)
+        self.vae.to(torch.float32 if upcast_vae else weight_dtype)
         if args.pretrained_unet_model_name_or_path:
-            self.unet = load_pretrained(UNet2DConditionModel, args.pretrained_unet_model_name_or_path, "--pretrained_unet_model_name_or_path", dtype=weight_dtype, **common)
+            self.unet = load_pretrained(UNet2DConditionModel, args.pretrained_unet_model_name_or_path, "--pretrained_unet_model_name_or_path", dtype=weight_dtype, cache_dir=args.cache_dir)
         else:
             self.unet = load_pretrained(UNet2DConditionModel, base, flag, subfolder="unet", **weights)
         self.scheduler_config = load_pretrained(DDPMScheduler, base, flag, subfolder="scheduler", **common).config
         for model in (*self.text_encoders, self.vae, self.unet):
             model.requires_grad_(False)
-        self.resolution = args.resolution
+        self.resolution = resolve_resolution(args, self.unet, self.vae)
         self._negative = None
 
     @torch.no_grad()

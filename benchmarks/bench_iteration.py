@@ -454,7 +454,7 @@ def isolated_phases(comat, prompts, micro_step):
         backward_by_phase[phase] = timer.seconds["generator_backward"] - before
 
     generator = sampling_generator(args.seed, micro_step, comat.accelerator.process_index)
-    noise = torch.randn(comat.latent_shape, generator=generator).to(device)
+    noise = comat.sampling_noise(generator)
     num_grad_steps = args.num_grad_steps
     with timer.phase("text_encoding"):
         unet_kwargs = comat.family.unet_kwargs(prompts)

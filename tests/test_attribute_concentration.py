@@ -140,6 +140,18 @@ def test_resize_masks():
     assert resize_masks(torch.zeros(0, 8, 8), 2).shape == (0, 4)
 
 
+def test_a_small_detected_object_is_never_lost_at_a_coarse_map():
+    """A 60 × 60 px object at 512 px covers under half of every 64 px cell of the 8 × 8 map."""
+    mask = torch.zeros(2, 512, 512)
+    mask[0, 100:160, 300:360] = 1.0
+    for side in (8, 16, 32, 64):
+        resized = resize_masks(mask, side)
+        assert resized[0].sum() >= 1, side
+        assert resized[1].sum() == 0, side  # nothing detected stays empty
+    cell = resize_masks(mask, 8)[0].view(8, 8).nonzero().tolist()
+    assert cell == [[2, 5]]  # the cell holding most of the object (rows 128-160, columns 320-360)
+
+
 # ---------------------------------------------------------------------------------------------------- batch reduction
 
 

@@ -228,8 +228,10 @@ def test_default_stoplist_holds_the_recipe_list():
     recipe = (
         "scene surface area atmosphere noise place kitchen dream interior exterior meal background bathroom "
         "room scent street hillside mountain sky sea ocean language skill night day morning space environment "
-        "field shore restroom party grass snow meadow water shadow waves song sunlight wall air airport thing"
+        "field shore restroom party grass snow meadow water shadow waves song sunlight wall air airport thing "
+        "about activity advertisement also conditions cry cycle lost mysteries one range salon speech tone"
     ).split()
+    assert len(set(recipe)) == 58  # the authors' list (CaraJ7/CoMat), whole
     assert set(recipe) <= DEFAULT_ENTITY_STOPLIST
     assert all(word == word.lower() and " " not in word for word in DEFAULT_ENTITY_STOPLIST)
 
@@ -377,3 +379,15 @@ def test_alignment_without_offsets_matches_the_offset_mapping(nlp, tokenizer):
     part_of_word = Entity(noun="hippo", words=("hippo",), char_spans=((2, 7),), noun_char_span=(2, 7))
     assert entity_token_positions(prompt, part_of_word, without_offsets) == [2, 3, 4]
     assert entity_token_positions(prompt, part_of_word, tokenizer) == [2]
+
+
+@pytest.mark.parametrize(
+    "prompt, queries",
+    [
+        ("a red traffic light and a hot dog", ["traffic light", "hot dog"]),
+        ("a brown teddy bear and a red ball", ["teddy bear", "ball"]),
+        ("a wooden dining table and a red book", ["dining table", "book"]),
+    ],
+)
+def test_the_segmenter_is_asked_for_the_objects_name_not_its_head_noun(nlp, prompt, queries):
+    assert [entity.grounding_query for entity in extract_entities(prompt, nlp)] == queries

@@ -27,7 +27,10 @@ and the method page all define it on the layer-averaged map.
 Masks: :func:`resize_masks` brings a full-resolution mask to a map's side by area averaging (the fraction of
 each attention cell that the mask covers) and keeps a cell when at least half of it is covered. The authors'
 code instead keeps a cell when *any* of it is covered, which dilates small objects at the 8×8 and 16×16
-maps; the majority rule keeps the region's size unbiased at every map resolution.
+maps; the majority rule keeps the region's size unbiased at every map resolution. A detected object smaller
+than half a cell would vanish under the majority rule, and the pixel loss would then push its tokens'
+attention to zero everywhere; such a mask keeps the cells it covers most instead, so a detected entity is
+never empty at any resolution.
 """
 
 import math
@@ -124,14 +127,17 @@ def resize_masks(masks: torch.Tensor, side: int, threshold: float = MASK_THRESHO
     """``[N, H, W]`` masks → ``[N, side * side]`` binary float masks at an attention map's resolution.
 
     Area interpolation gives each cell the fraction of it that the mask covers; a cell is inside when that
-    fraction is at least ``threshold`` (a majority vote for the default 0.5).
+    fraction is at least ``threshold`` (a majority vote for the default 0.5). A non-empty mask that no cell
+    covers that much keeps its most-covered cells: a detected entity stays non-empty at every resolution.
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must be [N, H, W], got shape {tuple(masks.shape)}.")
     if masks.shape[0] == 0:
         return masks.new_zeros((0, side * side), dtype=torch.float32)
-    coverage = F.interpolate(masks[:, None].float(), size=(side, side), mode="area")
-    return (coverage >= threshold).float().flatten(1)
+    coverage = F.interpolate(masks[:, None].float(), size=(side, side), mode="area").flatten(1)
+    most_covered = coverage.amax(dim=1, keepdim=True)
+    inside = (coverage >= threshold) | ((coverage == most_covered) & (most_covered > 0) & (most_covered < threshold))
+    return inside.float()
 
 
 def attribute_concentration_losses(

@@ -66,7 +66,9 @@ def make_sampling_scheduler(sampler: str, scheduler_config: dict):
     if sampler not in SUPPORTED_SAMPLERS:
         raise ValueError(f"--sampler must be one of {SUPPORTED_SAMPLERS}, got {sampler!r}.")
     scheduler_class = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    return scheduler_class.from_config(scheduler_config)
+    # As the stock pipelines run it: never clip or threshold x̂0 (both are pixel-space ideas; in latent space they
+    # distort samples), whatever the checkpoint's config says or lacks (the library default clips).
+    return scheduler_class.from_config(scheduler_config, clip_sample=False, thresholding=False)
 
 
 def sample_with_gradient(
@@ -81,7 +83,7 @@ def sample_with_gradient(
     gradient_checkpointing: bool = True,
     attention_steps: Sequence[int] = (),
     attention_capture: Optional[Callable[[], object]] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator | list[torch.Generator]] = None,
 ) -> torch.Tensor:
     """Run T denoising steps and return the final clean latent x̂0, differentiable w.r.t. the K gradient steps.
 
@@ -96,7 +98,7 @@ def sample_with_gradient(
         gradient_checkpointing: recompute the UNet activations of gradient steps in backward.
         attention_steps: gradient steps whose cross-attention maps are captured for Attribute
             Concentration; ``attention_capture()`` returns the context manager that turns capture on.
-        generator: the sampler's noise generator (DDPM adds noise at every step).
+        generator: the sampler's noise generator (DDPM adds noise at every step), or one per sample.
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps

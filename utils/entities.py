@@ -60,7 +60,8 @@ DEFAULT_ENTITY_STOPLIST: frozenset[str] = frozenset(
     "scene surface area atmosphere noise place kitchen dream interior exterior meal background "
     "bathroom room scent street hillside mountain sky sea ocean language skill night day morning "
     "space environment field shore restroom party grass snow meadow water shadow waves song sunlight "
-    "wall air airport thing".split()
+    "wall air airport thing about activity advertisement also conditions cry cycle lost mysteries one "
+    "range salon speech tone".split()
     # Completed with nouns of the same kinds. Places and backgrounds:
     + "backdrop foreground distance surroundings setting landscape scenery horizon view world city "
     "town countryside road sidewalk pavement ground floor ceiling beach sand desert forest woods "
@@ -116,6 +117,7 @@ class Entity:
 
     Attributes:
         noun: The noun as written in the prompt, lower-cased ("apples", "t-shirt").
+        query: The object's multi-word name when it has one ("traffic light"), else None (the noun).
         words: The attribute words and the noun, lower-cased, in prompt order.
         char_spans: ``(start, end)`` character span of each word of ``words`` in the original prompt.
         noun_char_span: Character span of the noun, one of ``char_spans``.
@@ -125,6 +127,13 @@ class Entity:
     words: tuple[str, ...]
     char_spans: tuple[tuple[int, int], ...]
     noun_char_span: tuple[int, int]
+    query: str | None = None
+
+    @property
+    def grounding_query(self) -> str:
+        """The phrase the segmenter looks for: the object's name, compound words included ("traffic light",
+        "hot dog"); searching the head noun alone ("light", "dog") finds other objects or none."""
+        return self.query or self.noun
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -244,15 +253,36 @@ def _entities_from_doc(doc: "Doc", stoplist: Set[str], attend_all_nouns: bool) -
         if len(spans) > _MAX_ENTITY_WORDS:
             continue
         spans = tuple(sorted(spans))
+        query_start = _object_name_start(noun, word_of_token)
         entities.append(
             Entity(
                 noun=noun_text,
                 words=tuple(doc.text[start:end].lower() for start, end in spans),
                 char_spans=spans,
                 noun_char_span=noun_span,
+                query=doc.text[query_start : noun_span[1]].lower() if query_start < noun_span[0] else None,
             )
         )
     return entities
+
+
+# Object names whose first word is tagged an adjective, so the compound rule of _object_name_start misses them.
+_ADJECTIVE_COMPOUND_NAMES = frozenset({"hot dog", "potted plant", "sports ball", "hair drier", "hair dryer"})
+
+
+def _object_name_start(noun: "Token", word_of_token) -> int:
+    """Where the object's name starts: at the first of the noun's directly preceding compound words ("traffic
+    light", "teddy bear"), or at a known adjective compound ("hot dog"); else at the noun."""
+    start = word_of_token[noun.i][0]
+    index = noun.i - 1
+    while index >= 0 and noun.doc[index].dep_ == "compound" and noun.doc[index].head.i in (noun.i, index + 1):
+        start = word_of_token[index][0]
+        index -= 1
+    if index >= 0 and start == word_of_token[noun.i][0]:
+        two_words = f"{noun.doc[index].lower_} {noun.lower_}"
+        if two_words in _ADJECTIVE_COMPOUND_NAMES:
+            start = word_of_token[index][0]
+    return start
 
 
 def _hyphenated_words(doc: "Doc") -> list[tuple[int, int]]:

@@ -225,7 +225,13 @@ class UNetDiscriminator(torch.nn.Module):
         }
         if not self._lora_parameters:
             raise ValueError(f"Adapter '{adapter_name}' has no LoRA parameters on this UNet.")
+        self.gradient_checkpointing = False
         self.requires_grad_(False)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint each whole UNet call of D that runs with gradient: it keeps only its inputs, and the
+        recomputation in backward runs with D's adapter active (see :meth:`forward`)."""
+        self.gradient_checkpointing = True
 
     @classmethod
     def from_unet(
@@ -310,7 +316,8 @@ class UNetDiscriminator(torch.nn.Module):
         empty-prompt embedding; SDXL also needs ``added_cond_kwargs`` (pooled empty-prompt
         ``text_embeds`` and ``time_ids``).
         """
-        if not self.owns_unet and torch.is_grad_enabled() and self.unet.is_gradient_checkpointing:
+        shared_unet_checkpointing = not self.owns_unet and self.unet.is_gradient_checkpointing
+        if torch.is_grad_enabled() and (self.gradient_checkpointing or shared_unet_checkpointing):
             # diffusers recomputes a checkpointed block in backward with whatever adapter is active
             # *then* — the generator's — which silently gives wrong gradients. So block-level
             # checkpointing is off inside D's call and the whole call is checkpointed instead: its

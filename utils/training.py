@@ -12,6 +12,7 @@ parameters are few (LoRA), so their gradients are all-reduced by hand in one fla
 """
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -59,7 +60,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--seed", type=int, default=0, help="Seed of the LoRA initialisation, prompt order and sampling noise (a resumed run continues the same stream).")
-    optim.add_argument("--resolution", type=int, default=recipe["resolution"], help="Generated image size in pixels (a multiple of 8).")
+    optim.add_argument("--resolution", type=int, default=None, help=f"Generated image size in pixels (a multiple of 8). Default: the base model's native size (UNet sample_size × 8: {recipe['resolution']} for the recipe's model; 768 for SD 2.x 768-v).")
     optim.add_argument("--train_batch_size", type=int, default=recipe["train_batch_size"], help="Prompts per process per micro-step.")
     optim.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps to train (recipe: 2000). Overrides --num_train_epochs.")
     optim.add_argument("--num_train_epochs", type=int, default=None, help="Passes over the prompts; used only when --max_train_steps is not given.")
@@ -116,6 +117,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     fidelity.add_argument("--discriminator_adam_beta1", type=float, default=0.0, help="Discriminator AdamW beta1 (recipe: 0).")
     fidelity.add_argument("--discriminator_adam_beta2", type=float, default=0.999, help="Discriminator AdamW beta2.")
     fidelity.add_argument("--discriminator_max_grad_norm", type=float, default=1.0, help="Discriminator gradient clipping.")
+    fidelity.add_argument("--prepare_reference_latents_only", action="store_true", help="Fill the reference-latent cache for every prompt (split across processes, --train_batch_size prompts per call) and exit without training: the recipe's separate pass, so that training steps do not pay for it.")
     fidelity.add_argument("--reference_latents_dir", type=str, default=None, help="Cache of the original model's latents (safetensors, keyed by prompt and sampling settings). Default: OUTPUT_DIR/reference_latents.")
     return parser
 
@@ -128,7 +130,7 @@ def _add_switch(group, name, default, help_text):
 
 def validate_args(args, parser):
     """Reject bad flag combinations with messages that say what to change."""
-    if args.resolution % 8 != 0:
+    if args.resolution is not None and args.resolution % 8 != 0:
         parser.error(f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples by 8): use e.g. {args.resolution // 8 * 8 or 8}.")
     if not 1 <= args.num_grad_steps <= args.num_inference_steps:
         parser.error(f"--num_grad_steps {args.num_grad_steps} must be between 1 and --num_inference_steps ({args.num_inference_steps}).")
@@ -141,8 +143,22 @@ def validate_args(args, parser):
         parser.error("Give --max_train_steps or --num_train_epochs.")
     if args.attribute_concentration and not 1 <= args.attention_loss_steps <= args.num_grad_steps:
         parser.error(f"--attention_loss_steps {args.attention_loss_steps} must be between 1 and --num_grad_steps ({args.num_grad_steps}), or pass --no_attribute_concentration.")
+    if args.prepare_reference_latents_only and not args.fidelity_preservation:
+        parser.error("--prepare_reference_latents_only fills the cache of Fidelity Preservation: drop --no_fidelity_preservation.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1.")
+
+
+def resolve_resolution(args, unet, vae):
+    """``--resolution`` defaults to the base model's native size, as in the stock pipelines; another size is
+    allowed (the SDXL recipe trains at 512 px) but said, since a model trained at its native size generates
+    poorly elsewhere (an SD 2.x 768-v model at 512 px)."""
+    native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution is None:
+        args.resolution = native
+    elif args.resolution != native:
+        logger.warning(f"--resolution {args.resolution}: the base model's native size is {native} px; training and validation run at {args.resolution} px.")
+    return args.resolution
 
 
 def warn_about_long_prompts(prompts, tokenizers):
@@ -205,11 +221,14 @@ def broadcast_parameters(params, accelerator):
 
 
 def all_reduce_gradients(params, accelerator):
-    """Average gradients over processes in one flat buffer (what DDP would do)."""
+    """Average gradients over processes in one flat buffer (what DDP would do).
+
+    Under fp16 call it on the *scaled* gradients, before unscaling: then every process unscales the same
+    values, finds the same overflow, skips the same steps and keeps the same loss scale."""
     if accelerator.num_processes == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
+    flat = torch.cat([g.flatten().float() for g in grads])
     dist.all_reduce(flat)
     flat /= accelerator.num_processes
     offset = 0
@@ -220,13 +239,19 @@ def all_reduce_gradients(params, accelerator):
 
 
 def check_replicas_in_sync(params, accelerator):
-    """Raise if the trainable parameters differ between processes (they must stay identical); log the result."""
+    """Raise if the trainable parameters are not finite or differ between processes (they must stay
+    identical); log the result. Every process gathers before any raises, so none is left waiting."""
+    flat = torch.cat([p.detach().float().flatten() for p in params])
+    replicas = [flat]
+    if accelerator.num_processes > 1:
+        replicas = [torch.empty_like(flat) for _ in range(accelerator.num_processes)]
+        dist.all_gather(replicas, flat)
+    for rank, replica in enumerate(replicas):
+        if not torch.isfinite(replica).all():
+            raise RuntimeError(f"The LoRA weights of process {rank} hold {int((~torch.isfinite(replica)).sum())} non-finite values.")
     if accelerator.num_processes == 1:
         return
-    flat = torch.cat([p.detach().float().flatten() for p in params])
-    gathered = [torch.empty_like(flat) for _ in range(accelerator.num_processes)]
-    dist.all_gather(gathered, flat)
-    max_difference = max((g - gathered[0]).abs().max().item() for g in gathered)
+    max_difference = max((replica - replicas[0]).abs().max().item() for replica in replicas)
     if max_difference > 0:
         raise RuntimeError(f"The LoRA weights differ between processes (max difference {max_difference:g}).")
     logger.info(f"LoRA identical on {accelerator.num_processes} processes.")
@@ -347,18 +372,50 @@ class NonFiniteGuard:
 
 def make_accelerator(args):
     """The run's Accelerator; several processes without CUDA run on CPU with gloo (accelerate needs
-    ``cpu=True`` to see a torchrun/``--multi_gpu`` launch on a machine without GPUs)."""
+    ``cpu=True`` to see a torchrun/``--multi_gpu`` launch on a machine without GPUs).
+
+    fp16 on CPU: accelerate makes a grad scaler only for accelerators, but fp16 gradients without loss
+    scaling underflow, so the run gets ``torch.amp.GradScaler("cpu")`` — the same scaled backward,
+    unscale, skip-on-overflow and scale updates as on CUDA.
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     multi_process_without_cuda = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         cpu=multi_process_without_cuda,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu":
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    return accelerator
+
+
+class GradScalerState:
+    """Checkpoints the fp16 loss scale (``grad_scaler.json``), so that a resumed run continues with the
+    calibrated scale instead of restarting at 2**16 and overflowing its first steps."""
+
+    FILE_NAME = "grad_scaler.json"
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def save(self, directory):
+        with open(os.path.join(directory, self.FILE_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.scaler.state_dict(), f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self, directory):
+        path = os.path.join(directory, self.FILE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(f"{directory} has no {self.FILE_NAME} (written without fp16): the loss scale starts afresh.")
+            return
+        with open(path, encoding="utf-8") as f:
+            self.scaler.load_state_dict(json.load(f))
 
 
 def configure_logging(accelerator):
@@ -370,7 +427,8 @@ def configure_logging(accelerator):
 
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
+        # Not INFO: diffusers logs a line per sampling step when a CPU generator draws noise for CUDA tensors.
+        diffusers.utils.logging.set_verbosity_warning()
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()

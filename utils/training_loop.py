@@ -60,6 +60,7 @@ from .hub import push_folder_to_hub, public_training_settings, save_model_card
 from .model_loading import ModelLoadError
 from .prompts import load_prompts
 from .training import (
+    GradScalerState,
     InterruptionHandler,
     NonFiniteGuard,
     NonFiniteLossError,
@@ -163,18 +164,18 @@ class AttributeConcentration:
         self._entities_by_prompt = {}
 
     def entities(self, prompts):
-        """Per prompt: (nouns, token positions) of its entities (cached: prompts repeat every epoch)."""
+        """Per prompt: (segmenter queries, token positions) of its entities (cached: prompts repeat every epoch)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._entities_by_prompt]
         if missing:
             parsed = extract_entities_batch(missing, self.nlp, self.stoplist, self.attend_all_nouns)
             for prompt, entities in zip(missing, parsed):
                 kept = entities_token_positions(prompt, entities, self.tokenizer)
-                self._entities_by_prompt[prompt] = ([e.noun for e, _ in kept], [positions for _, positions in kept])
+                self._entities_by_prompt[prompt] = ([e.grounding_query for e, _ in kept], [positions for _, positions in kept])
         return [self._entities_by_prompt[p] for p in prompts]
 
     def masks(self, images, prompts):
-        """Per image, the Grounded-SAM mask of each entity noun of its prompt (no gradient)."""
-        return self.segmenter(images.detach(), [nouns for nouns, _ in self.entities(prompts)])
+        """Per image, the Grounded-SAM mask of each entity of its prompt (no gradient)."""
+        return self.segmenter(images.detach(), [queries for queries, _ in self.entities(prompts)])
 
     def losses(self, step_maps, masks, prompts):
         """(token loss, pixel loss, number of entities) of captured maps (``store.step_maps``) against the masks."""
@@ -191,9 +192,9 @@ class FidelityPreservation:
             # Same checkpoint: D is a second LoRA adapter on the generator's frozen UNet (no second copy).
             self.discriminator = UNetDiscriminator.from_unet(family.unet, args.discriminator_rank)
         else:
+            # Another checkpoint: the base model's --revision/--variant are not its own.
             self.discriminator = UNetDiscriminator.from_pretrained(
-                args.discriminator_model_name_or_path, args.discriminator_rank, dtype=family.unet.dtype,
-                revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                args.discriminator_model_name_or_path, args.discriminator_rank, dtype=family.unet.dtype, cache_dir=args.cache_dir,
             ).to(accelerator.device)
         self.discriminator.head.to(accelerator.device)
         self.parameters = self.discriminator.trainable_parameters()
@@ -287,7 +288,10 @@ class CoMatIteration:
         )
         self.fidelity = FidelityPreservation(args, family, accelerator) if args.fidelity_preservation else None
         if args.gradient_checkpointing:
+            # The sampler checkpoints the UNet calls of gradient steps itself (see sample_with_gradient).
             self.vae.enable_gradient_checkpointing()
+            if self.fidelity is not None:
+                self.fidelity.discriminator.enable_gradient_checkpointing()
 
         # ---- Generator LoRA (fp32 under mixed precision), identical on every process ----------------
         if self.weight_dtype != torch.float32:
@@ -332,9 +336,17 @@ class CoMatIteration:
         self.max_crop = args.resolution // 224
 
     @property
+    def trainable_parameters(self):
+        """Every parameter the optimizer updates: the generator LoRA, then the discriminator's LoRA and head."""
+        return self.lora_parameters + (self.fidelity.parameters if self.fidelity is not None else [])
+
+    @property
     def checkpointed_modules(self):
         """What a checkpoint holds besides the LoRA, the optimizers and the LR schedule."""
-        return [self.fidelity.discriminator] if self.fidelity is not None else []
+        modules = [self.fidelity.discriminator] if self.fidelity is not None else []
+        if self.accelerator.scaler is not None:
+            modules.append(GradScalerState(self.accelerator.scaler))
+        return modules
 
     def save_lora(self, directory):
         self.family.pipeline_class.save_lora_weights(
@@ -360,22 +372,24 @@ class CoMatIteration:
             attention_capture, generator,
         )
 
+    def sampling_noise(self, generator):
+        """The unit noise a training sample starts from."""
+        return torch.randn(self.latent_shape, generator=generator).to(self.accelerator.device)
+
     def reference_latents(self, prompts):
-        """The frozen base model's samples (generator LoRA off) for these prompts, cached on disk.
+        """The frozen base model's samples (generator LoRA off) for these prompts, cached on disk."""
+        return self.fidelity.cache.get_or_create(prompts, self.generate_reference_latents).to(self.accelerator.device)
 
-        Each prompt has its own noise seed and is sampled alone, so its reference latents do not depend on
-        which batch, process or run asks for them first."""
-        def generate(missing_prompts):
-            latents = []
-            with torch.no_grad(), lora_disabled(self.unet):
-                for prompt in missing_prompts:
-                    generator = torch.Generator().manual_seed(reference_noise_seed(prompt, self.args.seed))
-                    noise = torch.randn((1, *self.latent_shape[1:]), generator=generator).to(self.accelerator.device)
-                    unet_kwargs = self.family.unet_kwargs([prompt])
-                    latents.append(self.sample(unet_kwargs, noise, self.args.num_inference_steps, [], [], generator))
-            return torch.cat(latents)
-
-        return self.fidelity.cache.get_or_create(prompts, generate).to(self.accelerator.device)
+    @torch.no_grad()
+    def generate_reference_latents(self, prompts):
+        """Sample the frozen base model for ``prompts`` in one batch. Each prompt draws its noise (initial and
+        per step) from its own generator, seeded by the prompt, so its latents do not depend on which batch,
+        process or run asks for them first (up to the rounding of batched UNet calls)."""
+        generators = [torch.Generator().manual_seed(reference_noise_seed(prompt, self.args.seed)) for prompt in prompts]
+        noise = torch.cat([torch.randn((1, *self.latent_shape[1:]), generator=g) for g in generators])
+        with lora_disabled(self.unet):
+            unet_kwargs = self.family.unet_kwargs(list(prompts))
+            return self.sample(unet_kwargs, noise.to(self.accelerator.device), self.args.num_inference_steps, [], [], generators)
 
     def micro_step(self, batch_prompts, micro_step):
         """Generator, then discriminator: forward and backward on one batch (gradients accumulate).
@@ -392,7 +406,7 @@ class CoMatIteration:
             self.attribute_concentration.store.clear()
 
         # Generator: online sample → decode → losses.
-        latents = torch.randn(self.latent_shape, generator=generator).to(self.accelerator.device)
+        latents = self.sampling_noise(generator)
         with timer.phase("text_encoding"):
             unet_kwargs = self.family.unet_kwargs(batch_prompts)
         clean_latents = self.sample(unet_kwargs, latents, args.num_inference_steps, gradient_steps, attention_steps, generator)
@@ -423,7 +437,7 @@ class CoMatIteration:
         is_finite = bool(torch.isfinite(loss).item())
         if is_finite:
             with timer.phase("generator_backward"):
-                self.accelerator.backward(loss / args.gradient_accumulation_steps)
+                self.accelerator.backward(loss)  # accelerate divides by the accumulation steps
         if self.attribute_concentration is not None:
             self.attribute_concentration.store.clear()
 
@@ -435,31 +449,37 @@ class CoMatIteration:
                 losses.update(self.fidelity.discriminator_losses(real_latents, clean_latents.detach(), final_timestep))
                 is_finite &= bool(torch.isfinite(losses["discriminator_loss"]).item())
                 if is_finite:
-                    self.accelerator.backward(losses["discriminator_loss"] / args.gradient_accumulation_steps)
+                    self.accelerator.backward(losses["discriminator_loss"])
         return losses, is_finite
 
     def update(self, step_loss_is_finite, global_step):
         """One generator step, then one discriminator step, and gradients reset. All processes skip a step together
-        when any had a non-finite loss or gradient. Returns the gradient norms, for logging."""
-        args, accelerator = self.args, self.accelerator
+        when any had a non-finite loss or gradient (under fp16: an overflow, which the grad scaler skips).
+        Returns the gradient norms and, under fp16, the loss scale, for logging."""
+        args, accelerator, scaler = self.args, self.accelerator, self.accelerator.scaler
         logs = {}
         with self.timer.phase("optimizer"):
             update_is_finite = not any_process(not step_loss_is_finite, accelerator)
             if update_is_finite:
-                accelerator.unscale_gradients()  # once, for both groups (a no-op without fp16)
-                all_reduce_gradients(self.lora_parameters, accelerator)
+                # Average the *scaled* gradients of both groups, then unscale: every process then sees the same
+                # gradients, so the scaler finds the same overflow everywhere and the loss scales stay equal.
+                all_reduce_gradients(self.trainable_parameters, accelerator)
+                if scaler is not None:
+                    scaler.unscale_(self.optimizer.optimizer)
                 logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.lora_parameters, args.max_grad_norm).item()
                 if self.fidelity is not None:
-                    all_reduce_gradients(self.fidelity.parameters, accelerator)
                     logs["discriminator_grad_norm"] = torch.nn.utils.clip_grad_norm_(
                         self.fidelity.parameters, args.discriminator_max_grad_norm
                     ).item()
                 # Under fp16 the grad scaler skips overflowing steps itself; otherwise an inf norm is ours to skip.
-                update_is_finite = accelerator.scaler is not None or all(math.isfinite(norm) for norm in logs.values())
+                update_is_finite = scaler is not None or all(math.isfinite(norm) for norm in logs.values())
             if self.nonfinite_guard.check(update_is_finite, global_step):
                 self.optimizer.step()
-                self.lr_scheduler.step()
+                if not self.optimizer.step_was_skipped:  # the LR schedule counts the updates that happened
+                    self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            logs["loss_scale"] = scaler.get_scale()
         return logs
 
 
@@ -486,6 +506,9 @@ def train(args, family):
         logger.error(str(error))
         raise SystemExit(2) from None
     warn_about_long_prompts(prompts, family.tokenizers)
+    if args.prepare_reference_latents_only:
+        prepare_reference_latents(comat, prompts)
+        return
 
     # ---- Resume, prompt order -----------------------------------------------------------------------
     global_step = 0
@@ -580,18 +603,39 @@ def train(args, family):
     accelerator.end_training()
 
 
+def prepare_reference_latents(comat, prompts):
+    """Fill the reference-latent cache for ``prompts``: each process samples its share, in batches."""
+    accelerator = comat.accelerator
+    share = list(dict.fromkeys(prompts))[accelerator.process_index :: accelerator.num_processes]
+    generated = comat.fidelity.cache.prefill(
+        share, comat.generate_reference_latents, comat.args.train_batch_size, show_progress=accelerator.is_local_main_process
+    )
+    accelerator.wait_for_everyone()
+    logger.info(f"Reference latents ready in {comat.fidelity.cache.cache_dir} ({generated} generated by process {accelerator.process_index}).")
+    accelerator.end_training()
+
+
 def log_validation(args, accelerator, family, weight_dtype, global_step):
-    """Render ``--validation_prompt`` with the current LoRA; log to the trackers, save PNGs, return their paths."""
+    """Render ``--validation_prompt`` with the current LoRA; log to the trackers, save PNGs, return their paths.
+
+    The pipeline stops at the latents and the training decode turns them into images: the VAE may run in
+    another dtype than the UNet (SDXL's VAE in fp32 under fp16), which the stock pipelines' decode refuses."""
     import numpy as np
+    from PIL import Image
 
     logger.info(f"Validation at step {global_step}: {args.num_validation_images} images of {args.validation_prompt!r}")
     pipeline = family.validation_pipeline(args, weight_dtype)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = [
-        pipeline(args.validation_prompt, num_inference_steps=25, height=args.resolution, width=args.resolution, generator=generator).images[0]
-        for _ in range(args.num_validation_images)
-    ]
+    images = []
+    for _ in range(args.num_validation_images):
+        latents = pipeline(
+            args.validation_prompt, num_inference_steps=25, height=args.resolution, width=args.resolution,
+            generator=generator, output_type="latent",
+        ).images
+        with torch.no_grad():
+            pixels = decode_latents(family.vae, latents)[0].permute(1, 2, 0)
+        images.append(Image.fromarray((pixels * 255).round().to(torch.uint8).cpu().numpy()))
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     paths = []
