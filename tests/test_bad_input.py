@@ -27,6 +27,8 @@ def _fails_with(args, message):
         ({"train_data": "/nonexistent/prompts.txt"}, "--train_data"),
         ({"caption_model_name_or_path": "Salesforce/blip-image-captioning-large"}, "Could not load --caption_model_name_or_path"),
         ({"pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "Could not load --pretrained_model_name_or_path"),
+        ({"segmenter": "my_segmenter"}, "--segmenter my_segmenter: give MODULE:NAME"),
+        ({"segmenter": "no_such_module:load"}, "--segmenter no_such_module:load: cannot import 'load'"),
     ],
 )
 def test_bad_flags(tiny_paths, tmp_path, overrides, message):

@@ -321,3 +321,18 @@ def test_prepare_reference_latents_only_fills_the_cache_and_trains_nothing(tiny_
         tiny_paths, str(output_dir), prepare_reference_latents_only=True, no_fidelity_preservation=True,
     ), check=False)
     assert bad.returncode == 2 and "--prepare_reference_latents_only" in bad.stdout
+
+
+# ---- Another segmenter ---------------------------------------------------------------------------------
+
+
+def test_a_segmenter_named_by_flag_replaces_grounded_sam(tiny_paths, tmp_path):
+    log = tmp_path / "segmenter.log"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red traffic light and a blue cup\n")
+    run_script("python", "train_comat.py", tiny_args(
+        tiny_paths, str(tmp_path / "out"), train_data=str(prompts), train_batch_size=1, max_train_steps=1,
+        no_fidelity_preservation=True, segmenter="tests.workers.recording_segmenter:load",
+        grounding_model_name_or_path="/nonexistent", sam_model_name_or_path="/nonexistent",  # never loaded
+    ), extra_env={"RECORDING_SEGMENTER_LOG": str(log)})
+    assert log.read_text().splitlines() == ["[['traffic light', 'cup']]"]

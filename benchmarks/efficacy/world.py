@@ -1,0 +1,267 @@
+"""The shapes world: scenes, prompts, an exact judge and an exact segmenter.
+
+A scene is a 32 × 32 px image of one or two flat-coloured shapes (circle, square, triangle; red, green, blue,
+yellow) on a light background. A two-object scene puts its first object in the left half and its second in the
+right half, and its prompt names them in that order: "a red circle and a blue square". Everything is a pure
+function of a seed.
+
+The data split makes attribute binding hard for a model pretrained on it, as studies of compositional
+generalisation do: the HELD_OUT colour–shape pairs (e.g. a blue circle) appear in pretraining only alone,
+never in a two-object scene. Two-object prompts with a held-out pair are split by a fixed hash into the
+prompts CoMat may fine-tune on and the prompts it is evaluated on (disjoint).
+
+The judge (:func:`parse_image`) is classical: foreground pixels by their distance to the background colour,
+4-connected components, each component's colour = the nearest palette colour of its median pixel, its shape =
+its fill ratio of its bounding box (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2). :class:`ShapeSegmenter` is the
+judge's object finder queried by noun: it stands in for Grounded-SAM through the same segmenter interface.
+"""
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IMAGE_SIZE = 32
+BACKGROUND = (235, 235, 235)
+COLORS = {"red": (215, 35, 35), "green": (30, 160, 60), "blue": (35, 70, 215), "yellow": (235, 195, 20)}
+SHAPES = ("circle", "square", "triangle")
+# Colour–shape pairs that pretraining shows only alone, never in a two-object scene.
+HELD_OUT = frozenset({("red", "square"), ("green", "triangle"), ("blue", "circle"), ("yellow", "circle")})
+
+FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that makes a pixel foreground
+MIN_OBJECT_PIXELS = 12
+MAX_COLOR_DISTANCE = 110.0  # farther from every palette colour: an unknown colour
+SQUARE_FILL, CIRCLE_FILL = 0.9, 0.64  # fill-ratio boundaries: square ≥ 0.9 > circle ≥ 0.64 > triangle
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    color: str
+    shape: str
+
+    @property
+    def phrase(self):
+        return f"a {self.color} {self.shape}"
+
+
+def prompt_of(objects):
+    return " and ".join(obj.phrase for obj in objects)
+
+
+def objects_of(prompt):
+    """The objects a world prompt names, in order ("a red circle and a blue square")."""
+    objects = []
+    for phrase in prompt.split(" and "):
+        _, color, shape = phrase.split()
+        objects.append(WorldObject(color, shape))
+    return objects
+
+
+ALL_OBJECTS = [WorldObject(c, s) for c in COLORS for s in SHAPES]
+# Two objects of different shapes (the segmenter, like Grounded-SAM, is queried by noun), ordered left → right.
+TWO_OBJECT_PROMPTS = [prompt_of(pair) for pair in itertools.permutations(ALL_OBJECTS, 2) if pair[0].shape != pair[1].shape]
+
+
+def _held_out(prompt):
+    return any((obj.color, obj.shape) in HELD_OUT for obj in objects_of(prompt))
+
+
+def _in_evaluation_split(prompt):
+    return hashlib.sha256(prompt.encode()).digest()[0] % 2 == 0
+
+
+PRETRAINING_TWO_OBJECT_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if not _held_out(p)]
+FINETUNE_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if _held_out(p) and not _in_evaluation_split(p)]
+EVALUATION_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if _held_out(p) and _in_evaluation_split(p)]
+
+
+# ---- Rendering -------------------------------------------------------------------------------------------
+
+
+def _shape_mask(shape, cx, cy, radius, size=IMAGE_SIZE):
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
+    if shape == "square":
+        side = radius * 0.9  # about the circle's area
+        return (np.abs(x - cx) <= side) & (np.abs(y - cy) <= side)
+    if shape == "triangle":  # pointing up, base at the bottom
+        top, bottom = cy - radius * 1.1, cy + radius * 1.1
+        half_width = (y - top) / (bottom - top) * radius * 1.2
+        return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
+    raise ValueError(shape)
+
+
+def render(objects, rng):
+    """An ``[H, W, 3]`` uint8 image of ``objects`` (one anywhere; two: left half, right half)."""
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    half = IMAGE_SIZE / 2
+    for index, obj in enumerate(objects):
+        radius = rng.uniform(5.0, 6.0)
+        if len(objects) == 1:
+            cx = rng.uniform(radius + 2, IMAGE_SIZE - radius - 2)
+        else:
+            cx = index * half + rng.uniform(radius + 1.5, half - radius - 1.5)
+        cy = rng.uniform(radius + 2.5, IMAGE_SIZE - radius - 2.5)
+        image[_shape_mask(obj.shape, cx, cy, radius)] = COLORS[obj.color]
+    return image
+
+
+def pretraining_sample(rng):
+    """(image, prompt) of the pretraining data: one object (a third of the scenes) or a two-object scene without a
+    held-out pair."""
+    if rng.random() < 1 / 3:
+        objects = [ALL_OBJECTS[rng.integers(len(ALL_OBJECTS))]]
+    else:
+        objects = objects_of(PRETRAINING_TWO_OBJECT_PROMPTS[rng.integers(len(PRETRAINING_TWO_OBJECT_PROMPTS))])
+    return render(objects, rng), prompt_of(objects)
+
+
+def captioner_sample(rng):
+    """(image, prompt) of the captioner's data: any scene of the world, held-out pairs included."""
+    if rng.random() < 1 / 4:
+        objects = [ALL_OBJECTS[rng.integers(len(ALL_OBJECTS))]]
+    else:
+        objects = objects_of(TWO_OBJECT_PROMPTS[rng.integers(len(TWO_OBJECT_PROMPTS))])
+    return render(objects, rng), prompt_of(objects)
+
+
+def swapped_prompt(prompt):
+    """The attribute-swapped caption: "a red circle and a blue square" → "a blue circle and a red square"."""
+    first, second = objects_of(prompt)
+    return prompt_of([WorldObject(second.color, first.shape), WorldObject(first.color, second.shape)])
+
+
+# ---- The judge -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    color: str  # a palette colour, or "unknown"
+    shape: str  # a shape, or "unknown"
+    pixels: np.ndarray  # [H, W] bool
+    center_x: float
+
+
+def _components(foreground):
+    """4-connected components of a small boolean image, as boolean masks."""
+    labels = np.zeros(foreground.shape, dtype=np.int32)
+    height, width = foreground.shape
+    masks = []
+    for start in zip(*np.nonzero(foreground)):
+        if labels[start]:
+            continue
+        label = len(masks) + 1
+        labels[start] = label
+        stack, members = [start], []
+        while stack:
+            y, x = stack.pop()
+            members.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and foreground[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        mask = np.zeros(foreground.shape, dtype=bool)
+        ys, xs = zip(*members)
+        mask[list(ys), list(xs)] = True
+        masks.append(mask)
+    return masks
+
+
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
+
+
+def classify_shape(mask):
+    ys, xs = np.nonzero(mask)
+    box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = mask.sum() / box_area
+    aspect = (ys.max() - ys.min() + 1) / (xs.max() - xs.min() + 1)
+    if not 0.6 <= aspect <= 1.7:
+        return "unknown"
+    return "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+
+
+def parse_image(image):
+    """The objects of an ``[H, W, 3]`` uint8 image, left to right, each with colour, shape and pixels."""
+    pixels = image.astype(np.float32)
+    foreground = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32), axis=-1) > FOREGROUND_DISTANCE
+    found = []
+    for mask in _components(foreground):
+        if mask.sum() < MIN_OBJECT_PIXELS:
+            continue
+        median = np.median(pixels[mask], axis=0)
+        distances = np.linalg.norm(_PALETTE - median, axis=-1)
+        color = list(COLORS)[int(distances.argmin())] if distances.min() <= MAX_COLOR_DISTANCE else "unknown"
+        found.append(Component(color, classify_shape(mask), mask, float(np.nonzero(mask)[1].mean())))
+    return sorted(found, key=lambda component: component.center_x)
+
+
+def judge(image, prompt):
+    """Per-image verdict on a prompt: full match, and per named object whether its shape is there, in its colour,
+    or painted in the other object's colour (a leak)."""
+    expected = objects_of(prompt)
+    found = parse_image(image)
+    verdict = {
+        "full_prompt": sorted((c.color, c.shape) for c in found) == sorted((o.color, o.shape) for o in expected),
+        "parsed": all(c.color != "unknown" and c.shape != "unknown" for c in found),
+        "object_count_correct": len(found) == len(expected),
+        "objects": [],
+    }
+    for index, obj in enumerate(expected):
+        same_shape = [c for c in found if c.shape == obj.shape]
+        other_colors = {o.color for j, o in enumerate(expected) if j != index}
+        verdict["objects"].append({
+            "shape_present": bool(same_shape),
+            "color_correct": any(c.color == obj.color for c in same_shape),
+            "color_leak": bool(same_shape) and not any(c.color == obj.color for c in same_shape)
+            and any(c.color in other_colors for c in same_shape),
+        })
+    return verdict
+
+
+def background_cleanliness(image):
+    """Share of the pixels outside every object that are within the foreground distance of the background."""
+    pixels = image.astype(np.float32)
+    distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32), axis=-1)
+    objects = np.zeros(distance.shape, dtype=bool)
+    for component in parse_image(image):
+        objects |= component.pixels
+    # The rim of an object (antialiasing, VAE blur) is not background noise.
+    grown = objects.copy()
+    grown[1:] |= objects[:-1]
+    grown[:-1] |= objects[1:]
+    grown[:, 1:] |= objects[:, :-1]
+    grown[:, :-1] |= objects[:, 1:]
+    outside = ~grown
+    return float((distance[outside] <= 25.0).mean()) if outside.any() else 0.0
+
+
+# ---- The exact segmenter (stands in for Grounded-SAM) ----------------------------------------------------
+
+
+class ShapeSegmenter:
+    """Masks of each queried shape noun on images in [0, 1]: the judge's components of that shape, OR-ed."""
+
+    def __call__(self, images, queries_per_image):
+        from utils.differentiable_sampling import check_unit_range
+
+        check_unit_range(images, "ShapeSegmenter")
+        arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        masks = []
+        for array, queries in zip(arrays, queries_per_image, strict=True):
+            found = parse_image(array)
+            image_masks = torch.zeros(len(queries), *array.shape[:2])
+            for index, query in enumerate(queries):
+                for component in found:
+                    if component.shape == query.split()[-1]:
+                        image_masks[index] = torch.maximum(image_masks[index], torch.from_numpy(component.pixels).float())
+            masks.append(image_masks.to(images.device))
+        return masks
+
+
+def load_shape_segmenter(args, device):
+    """The ``--segmenter`` factory of the shapes world (``benchmarks.efficacy.world:load_shape_segmenter``)."""
+    return ShapeSegmenter()

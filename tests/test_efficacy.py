@@ -1,0 +1,83 @@
+"""The shapes-world efficacy benchmark: its exact judge and segmenter, the evaluation core, and a quick end-to-end
+run of every stage (pretraining, three fine-tunes through train_comat.py, evaluation, pictures): the mechanics,
+not the gain, which the full benchmark measures (README, "Does it work?")."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.efficacy import world
+from utils import evaluation
+
+
+def test_the_judge_reads_the_worlds_own_images_at_least_99_percent_right():
+    rng = np.random.default_rng(2024)
+    samples = [world.captioner_sample(rng) for _ in range(1500)]
+    correct = [world.judge(image, prompt)["full_prompt"] for image, prompt in samples]
+    assert np.mean(correct) >= 0.99
+
+
+def test_the_judge_names_missing_objects_and_colour_leaks():
+    rng = np.random.default_rng(0)
+    leaked = world.render(world.objects_of("a blue circle and a blue square"), rng)
+    verdict = world.judge(leaked, "a red circle and a blue square")
+    assert not verdict["full_prompt"]
+    assert [o["color_leak"] for o in verdict["objects"]] == [True, False]
+    one = world.render(world.objects_of("a red circle"), rng)
+    verdict = world.judge(one, "a red circle and a blue square")
+    assert [o["shape_present"] for o in verdict["objects"]] == [True, False]
+    blank = np.full((32, 32, 3), world.BACKGROUND, dtype=np.uint8)
+    assert world.background_cleanliness(blank) == 1.0 and world.parse_image(blank) == []
+
+
+def test_splits_are_disjoint_and_hold_out_pairs_from_pretraining():
+    evaluation_prompts, finetune = set(world.EVALUATION_PROMPTS), set(world.FINETUNE_PROMPTS)
+    assert evaluation_prompts and finetune and not evaluation_prompts & finetune
+    assert not (evaluation_prompts | finetune) & set(world.PRETRAINING_TWO_OBJECT_PROMPTS)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        _, prompt = world.pretraining_sample(rng)
+        objects = world.objects_of(prompt)
+        assert len(objects) == 1 or not any((o.color, o.shape) in world.HELD_OUT for o in objects)
+
+
+def test_shape_segmenter_masks_each_queried_object():
+    image = world.render(world.objects_of("a red circle and a blue square"), np.random.default_rng(3))
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    masks = world.ShapeSegmenter()(images, [["square", "circle", "triangle"]])[0]
+    assert masks.shape == (3, 32, 32)
+    assert masks[0, :, 16:].sum() > 50 and masks[0, :, :16].sum() == 0  # the square is on the right
+    assert masks[1, :, :16].sum() > 50 and masks[2].sum() == 0
+
+
+def test_bootstrap_and_paired_summary():
+    mean, low, high = evaluation.bootstrap_ci([0.0, 1.0] * 50)
+    assert mean == 0.5 and low < 0.5 < high and high - low < 0.25
+    base = evaluation.Generation("base", ["p"] * 4, [0, 1, 2, 3], scores=[{"m": v} for v in (0, 0, 1, 0)])
+    better = evaluation.Generation("lora", ["p"] * 4, [0, 1, 2, 3], scores=[{"m": v} for v in (1, 1, 1, 0)])
+    summary = evaluation.summarize({"base": base, "lora": better}, baseline="base")
+    assert summary["lora"]["m"]["mean"] == 0.75 and summary["lora"]["m"]["difference_to_base"]["mean"] == 0.5
+    with pytest.raises(ValueError, match="prompts and seeds"):
+        evaluation.summarize({"base": base, "other": evaluation.Generation("o", ["q"] * 4, [0, 1, 2, 3], scores=base.scores)}, "base")
+
+
+def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
+    from benchmarks.efficacy import experiment
+
+    output_dir = tmp_path / "results"
+    results = experiment.run(experiment.argparse.Namespace(
+        world_dir=str(tmp_path / "world"), output_dir=str(output_dir), quick=True, threads=1,
+    ))
+    for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
+        assert set(results["summary"][name]) >= {"full_prompt_accuracy", "color_leak_rate", "background_cleanliness"}
+    for run in ("caption_only", "plus_attribute_concentration", "full_CoMat"):
+        assert (output_dir / "runs" / run / "pytorch_lora_weights.safetensors").is_file()
+    log = open(output_dir / "runs" / "full_CoMat" / "efficacy_command.json").read()
+    assert "benchmarks.efficacy.world:load_shape_segmenter" in log
+    assert json.load(open(output_dir / "results.json"))["recipe"] == "quick"
+    for picture in ("samples.png", "token_activations.png"):
+        assert os.path.getsize(output_dir / picture) > 1000
+    assert "full prompt accuracy" in (output_dir / "results.md").read_text()
