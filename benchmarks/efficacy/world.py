@@ -11,8 +11,8 @@ never in a two-object scene. Two-object prompts with a held-out pair are split b
 prompts CoMat may fine-tune on and the prompts it is evaluated on (disjoint).
 
 The judge (:func:`parse_image`) is classical: foreground pixels by their distance to the background colour,
-4-connected components, each component's colour = the nearest palette colour of its median pixel, its shape =
-its fill ratio of its bounding box (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2). :class:`ShapeSegmenter` is the
+4-connected components, each component's colour = the nearest palette colour of its median pixel, its shape = the
+shape whose template drawn in the component's bounding box overlaps it best. :class:`ShapeSegmenter` is the
 judge's object finder queried by noun: it stands in for Grounded-SAM through the same segmenter interface.
 """
 
@@ -33,7 +33,6 @@ HELD_OUT = frozenset({("red", "square"), ("green", "triangle"), ("blue", "circle
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that makes a pixel foreground
 MIN_OBJECT_PIXELS = 12
 MAX_COLOR_DISTANCE = 110.0  # farther from every palette colour: an unknown colour
-SQUARE_FILL, CIRCLE_FILL = 0.9, 0.64  # fill-ratio boundaries: square ≥ 0.9 > circle ≥ 0.64 > triangle
 
 
 @dataclass(frozen=True)
@@ -174,20 +173,34 @@ def _components(foreground):
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 
 
+def _templates(height, width):
+    """Each shape drawn to fill a ``height`` × ``width`` box: an inscribed ellipse, the box, an upward triangle."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    u, v = x / width - 0.5, y / height  # u in [-0.5, 0.5], v in [0, 1] from the top
+    return {
+        "circle": u**2 + (v - 0.5) ** 2 <= 0.25,
+        "square": np.ones((height, width), dtype=bool),
+        "triangle": np.abs(u) <= 0.5 * v,
+    }
+
+
 def classify_shape(mask):
+    """The shape whose template, drawn in the component's bounding box, overlaps it best (IoU): robust to the blur
+    and the grown edges of generated images, where fill ratios are not."""
     ys, xs = np.nonzero(mask)
-    box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box_area
-    aspect = (ys.max() - ys.min() + 1) / (xs.max() - xs.min() + 1)
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    aspect = box.shape[0] / box.shape[1]
     if not 0.6 <= aspect <= 1.7:
         return "unknown"
-    return "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+    overlaps = {shape: (box & template).sum() / (box | template).sum() for shape, template in _templates(*box.shape).items()}
+    return max(overlaps, key=overlaps.get)
 
 
 def parse_image(image):
     """The objects of an ``[H, W, 3]`` uint8 image, left to right, each with colour, shape and pixels."""
     pixels = image.astype(np.float32)
-    foreground = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32), axis=-1) > FOREGROUND_DISTANCE
+    background_distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32), axis=-1)
+    foreground = background_distance > FOREGROUND_DISTANCE
     found = []
     for mask in _components(foreground):
         if mask.sum() < MIN_OBJECT_PIXELS:
@@ -195,7 +208,10 @@ def parse_image(image):
         median = np.median(pixels[mask], axis=0)
         distances = np.linalg.norm(_PALETTE - median, axis=-1)
         color = list(COLORS)[int(distances.argmin())] if distances.min() <= MAX_COLOR_DISTANCE else "unknown"
-        found.append(Component(color, classify_shape(mask), mask, float(np.nonzero(mask)[1].mean())))
+        # The shape from the half-contrast contour: blur spreads an edge evenly around it, so it stays in place.
+        core = mask & (background_distance >= 0.5 * np.median(background_distance[mask]))
+        found.append(Component(color, classify_shape(core if core.sum() >= MIN_OBJECT_PIXELS else mask), mask,
+                               float(np.nonzero(mask)[1].mean())))
     return sorted(found, key=lambda component: component.center_x)
 
 
