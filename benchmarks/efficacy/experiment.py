@@ -40,10 +40,14 @@ RUNS = {
     "full CoMat": [],
 }
 SETTINGS = {
-    "full": dict(max_train_steps=300, train_batch_size=8, num_inference_steps=20, num_grad_steps=2, seeds=8, learning_rate=3e-4),
-    "quick": dict(max_train_steps=2, train_batch_size=2, num_inference_steps=4, num_grad_steps=2, seeds=1, learning_rate=3e-4),
+    "full": dict(max_train_steps=300, train_batch_size=8, num_inference_steps=20, num_grad_steps=2, seeds=8, learning_rate=3e-4,
+                 discriminator_learning_rate=2e-5, caption_loss_reduction="mean"),
+    "quick": dict(max_train_steps=2, train_batch_size=2, num_inference_steps=4, num_grad_steps=2, seeds=1, learning_rate=3e-4,
+                  discriminator_learning_rate=2e-5, caption_loss_reduction="mean"),
 }
 GUIDANCE_SCALE = 7.5
+# Fine-tune settings a run may change from the command line (the defaults are the table in the README).
+TRAINING_FLAGS = ("max_train_steps", "learning_rate", "discriminator_learning_rate", "caption_loss_reduction")
 
 
 class WorldJudgeScorer:
@@ -102,6 +106,8 @@ def finetune(name, flags, world_dir, output_dir, settings, threads):
         "--train_batch_size", str(settings["train_batch_size"]), "--max_train_steps", str(settings["max_train_steps"]),
         "--num_inference_steps", str(settings["num_inference_steps"]), "--num_grad_steps", str(settings["num_grad_steps"]),
         "--guidance_scale", str(GUIDANCE_SCALE), "--learning_rate", str(settings["learning_rate"]),
+        "--discriminator_learning_rate", str(settings["discriminator_learning_rate"]),
+        "--caption_loss_reduction", settings["caption_loss_reduction"],
         "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", "100000", "--report_to", "tensorboard",
         "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), "--seed", "0", *flags,
     ]
@@ -121,6 +127,20 @@ def finetune(name, flags, world_dir, output_dir, settings, threads):
         json.dump(command[1:], f)
     logger.info(f"'{name}' fine-tuned in {time.perf_counter() - start:.0f} s")
     return run_dir
+
+
+def training_curves(run_dir, window=20):
+    """Mean of each logged loss over the first and the last ``window`` steps of a fine-tune (TensorBoard events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(os.path.join(run_dir, "logs", "comat"))
+    accumulator.Reload()
+    curves = {}
+    for tag in accumulator.Tags()["scalars"]:
+        if tag.endswith("loss"):
+            values = [event.value for event in accumulator.Scalars(tag)]
+            curves[tag] = {"first": float(np.mean(values[:window])), "last": float(np.mean(values[-window:]))}
+    return curves
 
 
 def fidelity(generations, prompts, seeds):
@@ -150,7 +170,8 @@ def run(args):
     from diffusers import StableDiffusionPipeline
 
     recipe = "quick" if args.quick else "full"
-    settings = SETTINGS[recipe]
+    settings = dict(SETTINGS[recipe])
+    settings.update({key: getattr(args, key) for key in TRAINING_FLAGS if getattr(args, key, None) is not None})
     start = time.perf_counter()
     world_summary = build_world(args.world_dir, recipe)
     world_seconds = time.perf_counter() - start
@@ -188,6 +209,7 @@ def run(args):
         evaluation_prompts=prompts, seeds=seeds, finetune_prompts=len(world.FINETUNE_PROMPTS),
         base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
         token_activations_prompt=failing,
+        training_curves={name: training_curves(run_dir) for name, run_dir in run_dirs.items()},
         seconds=dict(world=world_seconds, finetune=finetune_seconds, total=time.perf_counter() - start),
     )
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -206,6 +228,10 @@ def main(argv=None):
     parser.add_argument("--world_dir", default="world", help="The world's models (built there when missing).")
     parser.add_argument("--output_dir", default="efficacy-results", help="Fine-tunes, images, results.")
     parser.add_argument("--quick", action="store_true", help="Minutes-long run of every stage: the mechanics, not the gain.")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Steps of each fine-tune (default: 300).")
+    parser.add_argument("--learning_rate", type=float, default=None, help="Generator LoRA learning rate (default: 3e-4).")
+    parser.add_argument("--discriminator_learning_rate", type=float, default=None, help="Discriminator learning rate (default: the SD1.5 recipe's 2e-5).")
+    parser.add_argument("--caption_loss_reduction", choices=["mean", "sum"], default=None, help="train_comat.py's flag (default: the recipe's label-smoothed mean).")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="Threads of the fine-tunes.")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
