@@ -82,6 +82,16 @@ def cosine_lr(optimizer, steps, warmup=50):
     )
 
 
+def descend(loss, optimizer, schedule, clip=None):
+    """One optimizer step on ``loss`` (gradients of ``clip`` clipped to norm 1 first, when given)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def train_vae(images, steps, batch_size, generator):
     vae = build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -91,10 +101,7 @@ def train_vae(images, steps, batch_size, generator):
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         loss = torch.nn.functional.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule)
         if step % 200 == 0 or step == steps - 1:
             logger.info(f"VAE step {step}: reconstruction MSE {loss.item():.5f}")
     vae.eval().requires_grad_(False)
@@ -130,11 +137,7 @@ def train_generator(latents, prompts, steps, batch_size, generator):
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule, clip=parameters)
         if step % 250 == 0 or step == steps - 1:
             logger.info(f"UNet step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
     return tokenizer, text_encoder.eval().requires_grad_(False), unet.eval().requires_grad_(False), scheduler
@@ -171,10 +174,7 @@ def train_captioner(images, prompts, steps, batch_size, generator):
         input_ids, attention_mask, labels = scorer.tokenize([prompts[i] for i in index])
         logits = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
         loss = caption_nll(logits, labels, "sum")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule)
         if step % 250 == 0 or step == steps - 1:
             logger.info(f"Captioner step {step}: loss {loss.item():.4f}")
     return model.eval().requires_grad_(False), processor

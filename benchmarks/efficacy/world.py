@@ -109,23 +109,23 @@ def render(objects, rng):
     return image
 
 
+def _scene(rng, single_object_share, two_object_prompts):
+    if rng.random() < single_object_share:
+        objects = [ALL_OBJECTS[rng.integers(len(ALL_OBJECTS))]]
+    else:
+        objects = objects_of(two_object_prompts[rng.integers(len(two_object_prompts))])
+    return render(objects, rng), prompt_of(objects)
+
+
 def pretraining_sample(rng):
     """(image, prompt) of the pretraining data: one object (a third of the scenes) or a two-object scene without a
     held-out pair."""
-    if rng.random() < 1 / 3:
-        objects = [ALL_OBJECTS[rng.integers(len(ALL_OBJECTS))]]
-    else:
-        objects = objects_of(PRETRAINING_TWO_OBJECT_PROMPTS[rng.integers(len(PRETRAINING_TWO_OBJECT_PROMPTS))])
-    return render(objects, rng), prompt_of(objects)
+    return _scene(rng, 1 / 3, PRETRAINING_TWO_OBJECT_PROMPTS)
 
 
 def captioner_sample(rng):
     """(image, prompt) of the captioner's data: any scene of the world, held-out pairs included."""
-    if rng.random() < 1 / 4:
-        objects = [ALL_OBJECTS[rng.integers(len(ALL_OBJECTS))]]
-    else:
-        objects = objects_of(TWO_OBJECT_PROMPTS[rng.integers(len(TWO_OBJECT_PROMPTS))])
-    return render(objects, rng), prompt_of(objects)
+    return _scene(rng, 1 / 4, TWO_OBJECT_PROMPTS)
 
 
 def swapped_prompt(prompt):
