@@ -317,6 +317,12 @@ def test_prepare_reference_latents_only_fills_the_cache_and_trains_nothing(tiny_
     assert len([n for n in os.listdir(cache) if n.endswith(".safetensors")]) == 3
     assert not (output_dir / "pytorch_lora_weights.safetensors").exists()
     assert "Reference latents ready" in result.stdout
+    shared = tmp_path / "shared_cache"  # two processes split the prompts and fill one cache
+    run_script("torchrun", "train_comat.py", tiny_args(
+        tiny_paths, str(tmp_path / "out2"), train_data=str(prompts), train_batch_size=1, reference_latents_dir=str(shared),
+        prepare_reference_latents_only=True, no_attribute_concentration=True,
+    ), num_processes=2)
+    assert sorted(os.listdir(shared)) == sorted(os.listdir(cache))
     bad = run_script("python", "train_comat.py", tiny_args(
         tiny_paths, str(output_dir), prepare_reference_latents_only=True, no_fidelity_preservation=True,
     ), check=False)

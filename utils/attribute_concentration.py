@@ -136,7 +136,7 @@ def resize_masks(masks: torch.Tensor, side: int, threshold: float = MASK_THRESHO
         return masks.new_zeros((0, side * side), dtype=torch.float32)
     coverage = F.interpolate(masks[:, None].float(), size=(side, side), mode="area").flatten(1)
     most_covered = coverage.amax(dim=1, keepdim=True)
-    inside = (coverage >= threshold) | ((coverage == most_covered) & (most_covered > 0) & (most_covered < threshold))
+    inside = (coverage >= threshold) | ((coverage == most_covered) & (most_covered > 0))
     return inside.float()
 
 

@@ -117,10 +117,10 @@ class Entity:
 
     Attributes:
         noun: The noun as written in the prompt, lower-cased ("apples", "t-shirt").
-        query: The object's multi-word name when it has one ("traffic light"), else None (the noun).
         words: The attribute words and the noun, lower-cased, in prompt order.
         char_spans: ``(start, end)`` character span of each word of ``words`` in the original prompt.
         noun_char_span: Character span of the noun, one of ``char_spans``.
+        query: The object's multi-word name when it has one ("traffic light"), else None (the noun).
     """
 
     noun: str
