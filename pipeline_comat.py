@@ -75,12 +75,13 @@ from transformers import (
 # folder is not on sys.path, although the relative branch is then the one that runs.
 if __package__:
     from .utils.attention_capture import install_attention_capture, remove_attention_capture
-    from .utils.hub import push_lora_to_hub
+    from .utils.hub import TOKEN_ON_COMMAND_LINE, push_lora_to_hub
 else:
     _attention_capture = importlib.import_module("utils.attention_capture")
     install_attention_capture = _attention_capture.install_attention_capture
     remove_attention_capture = _attention_capture.remove_attention_capture
-    push_lora_to_hub = importlib.import_module("utils.hub").push_lora_to_hub
+    _hub = importlib.import_module("utils.hub")
+    push_lora_to_hub, TOKEN_ON_COMMAND_LINE = _hub.push_lora_to_hub, _hub.TOKEN_ON_COMMAND_LINE
 
 # Every cross-attention layer: the paper's diagnostic averages over all of them.
 ALL_CROSS_ATTENTION_LAYERS = "down,mid,up"
@@ -446,9 +447,12 @@ def parse_args(argv=None):
     push.add_argument("--sample_images", type=str, nargs="+", default=None, help="Images shown in the card. Default: the training run's validation images.")
     push.add_argument("--sample_prompt", type=str, default=None, help="Prompt of the sample images. Default: the training run's validation prompt.")
     push.add_argument("--private", action="store_true", help="Create the repo as private.")
-    push.add_argument("--token", type=str, default=None, help="Hub token. Prefer HF_TOKEN or `hf auth login`: a token on the command line is visible to other users of the machine.")
+    push.add_argument("--token", type=str, default=None, help="Refused (use `hf auth login` or HF_TOKEN): a token on the command line shows in `ps` and shell history.")
     push.add_argument("--commit_message", type=str, default="Upload CoMat LoRA", help="Commit message of the upload.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "push" and args.token is not None:
+        parser.error(f"--token {TOKEN_ON_COMMAND_LINE}")
+    return args
 
 
 def _load_pipeline(args):
@@ -456,9 +460,30 @@ def _load_pipeline(args):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     pipeline = CoMatPipeline.from_pretrained(args.base_model, revision=args.revision, variant=args.variant, dtype=dtype)
     if args.lora:
-        pipeline.load_lora_weights(args.lora)
+        _load_lora_safetensors(pipeline, args.lora)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def _load_lora_safetensors(pipeline, lora):
+    """Load ``--lora`` from safetensors only: a pickled ``.bin`` LoRA could run code when unpickled."""
+    import safetensors
+
+    try:
+        pipeline.load_lora_weights(lora, use_safetensors=True)
+    except (OSError, ValueError, safetensors.SafetensorError) as error:
+        pickled = os.path.isdir(lora) and any(name.endswith(".bin") for name in os.listdir(lora))
+        reason = ("it holds a pickled .bin LoRA, which this tool refuses to unpickle: convert it to safetensors"
+                  if pickled else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        _fail(f"--lora {lora}: no safetensors LoRA could be loaded ({reason}).")
+
+
+def _fail(message):
+    """End the CLI with ``message`` alone (no traceback) and exit code 2, like argparse."""
+    import sys
+
+    print(f"pipeline_comat.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _call_arguments(args):
@@ -530,7 +555,6 @@ def run_push(args):
         base_model=args.base_model,
         sample_images=args.sample_images or (),
         sample_prompt=args.sample_prompt,
-        token=args.token,
         private=args.private,
         commit_message=args.commit_message,
     )

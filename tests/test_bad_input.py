@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -46,6 +47,15 @@ def test_empty_train_data(tiny_paths, tmp_path):
 def test_sdxl_checkpoint_points_to_the_sdxl_script(tiny_paths, tmp_path):
     args = tiny_args(tiny_paths, base="sdxl", output_dir=str(tmp_path / "out"))
     _fails_with(args, "train_comat_sdxl.py")
+
+
+def test_a_damaged_weights_file_of_the_base_model_is_named(tiny_paths, tmp_path):
+    base = tmp_path / "sd"
+    shutil.copytree(tiny_paths["sd"], base)
+    weights = base / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a download cut short
+    _fails_with(tiny_args(tiny_paths, str(tmp_path / "out"), pretrained_model_name_or_path=str(base)),
+                f"{weights} is damaged")
 
 
 def test_long_prompts_are_truncated_with_one_warning(tiny_paths, tmp_path):

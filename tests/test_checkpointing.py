@@ -1,4 +1,5 @@
-"""Checkpoints: exact, pickle-free round trips, and a save that dies half-way never becomes `latest`."""
+"""Checkpoints: exact, pickle-free round trips; a save or a pruning that dies half-way never costs the run;
+damaged checkpoints are named and skipped."""
 
 import os
 
@@ -6,7 +7,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from utils.checkpointing import list_checkpoints, load_checkpoint, resolve_resume_checkpoint, save_checkpoint
+from utils import checkpointing
+from utils.checkpointing import (
+    CheckpointError,
+    claim_output_dir,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class Weights:
@@ -75,11 +84,11 @@ def test_a_save_killed_half_way_is_never_latest(state, tmp_path):
         save_checkpoint(accelerator, str(tmp_path), 4, Weights(model, crash=True).save, [optimizer], [scheduler], {})
     assert os.path.isdir(tmp_path / "checkpoint-4.partial") and not os.path.exists(tmp_path / "checkpoint-4")
     assert list_checkpoints(str(tmp_path)) == [good]
-    assert resolve_resume_checkpoint("latest", str(tmp_path)) == good
+    assert find_resume_checkpoint("latest", str(tmp_path))[0] == good
     # The next save of that step replaces the debris.
     save_checkpoint(accelerator, str(tmp_path), 4, Weights(model).save, [optimizer], [scheduler], {})
     assert not os.path.exists(tmp_path / "checkpoint-4.partial")
-    assert resolve_resume_checkpoint("latest", str(tmp_path)).endswith("checkpoint-4")
+    assert find_resume_checkpoint("latest", str(tmp_path))[0].endswith("checkpoint-4")
 
 
 def test_total_limit_prunes_oldest_and_bad_resume_path_is_explained(state, tmp_path):
@@ -87,6 +96,72 @@ def test_total_limit_prunes_oldest_and_bad_resume_path_is_explained(state, tmp_p
     for step in (1, 2, 3):
         save_checkpoint(accelerator, str(tmp_path), step, Weights(model).save, [optimizer], [scheduler], {}, checkpoints_total_limit=2)
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
-    assert resolve_resume_checkpoint("latest", str(tmp_path / "empty")) is None
+    assert find_resume_checkpoint("latest", str(tmp_path / "empty")) == (None, None)
     with pytest.raises(ValueError, match="--resume_from_checkpoint"):
-        resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+        find_resume_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+
+
+def test_a_save_killed_with_limit_one_keeps_the_previous_checkpoint(state, tmp_path):
+    accelerator, model, optimizer, scheduler = state
+    good = save_checkpoint(accelerator, str(tmp_path), 2, Weights(model).save, [optimizer], [scheduler], {}, checkpoints_total_limit=1)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, str(tmp_path), 4, Weights(model, crash=True).save, [optimizer], [scheduler], {}, checkpoints_total_limit=1)
+    assert find_resume_checkpoint("latest", str(tmp_path))[0] == good
+
+
+def test_a_pruning_killed_half_way_never_leaves_a_checkpoint_that_looks_complete(state, tmp_path, monkeypatch):
+    accelerator, model, optimizer, scheduler = state
+    save_checkpoint(accelerator, str(tmp_path), 2, Weights(model).save, [optimizer], [scheduler], {})
+    real_rmtree = checkpointing.shutil.rmtree
+
+    def killed_half_way(path, ignore_errors=False):
+        if path.endswith(".deleting") and os.path.isdir(path):  # the folder being pruned: lose its LoRA, then die
+            os.remove(os.path.join(path, "pytorch_lora_weights.safetensors"))
+            raise KeyboardInterrupt("killed while pruning")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, str(tmp_path), 4, Weights(model).save, [optimizer], [scheduler], {}, checkpoints_total_limit=1)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-4"]
+    assert find_resume_checkpoint("latest", str(tmp_path))[0].endswith("checkpoint-4")
+    claim_output_dir(str(tmp_path), resuming=True, overwrite=False).close()  # the next run removes the debris
+    assert sorted(os.listdir(tmp_path)) == [".comat.lock", "checkpoint-4"]
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.safetensors", "pytorch_lora_weights.safetensors", "rng_state_0.json", "training_state.json"])
+def test_latest_skips_a_damaged_checkpoint_and_names_the_file(state, tmp_path, caplog, damaged):
+    accelerator, model, optimizer, scheduler = state
+    good = save_checkpoint(accelerator, str(tmp_path), 2, Weights(model).save, [optimizer], [scheduler], {})
+    newest = save_checkpoint(accelerator, str(tmp_path), 4, Weights(model).save, [optimizer], [scheduler], {})
+    path = os.path.join(newest, damaged)
+    content = bytearray(open(path, "rb").read())
+    content[len(content) // 2] ^= 0xFF  # one flipped byte
+    open(path, "wb").write(bytes(content))
+    assert find_resume_checkpoint("latest", str(tmp_path))[0] == good
+    assert damaged in caplog.text and "skipping checkpoint-4" in caplog.text
+    with pytest.raises(CheckpointError, match=damaged):
+        find_resume_checkpoint(newest, str(tmp_path))
+
+
+def test_latest_refuses_when_every_checkpoint_is_damaged(state, tmp_path):
+    accelerator, model, optimizer, scheduler = state
+    only = save_checkpoint(accelerator, str(tmp_path), 2, Weights(model).save, [optimizer], [scheduler], {})
+    os.remove(os.path.join(only, "optimizer.json"))
+    with pytest.raises(CheckpointError, match="optimizer.json is missing.*--overwrite_output_dir"):
+        find_resume_checkpoint("latest", str(tmp_path))
+
+
+def test_output_dir_is_refused_while_another_run_holds_it_or_when_it_holds_a_run(state, tmp_path):
+    accelerator, model, optimizer, scheduler = state
+    lock = claim_output_dir(str(tmp_path), resuming=False, overwrite=False)
+    with pytest.raises(ValueError, match="in use by another run"):
+        claim_output_dir(str(tmp_path), resuming=True, overwrite=False)
+    save_checkpoint(accelerator, str(tmp_path), 2, Weights(model).save, [optimizer], [scheduler], {})
+    lock.close()
+    with pytest.raises(ValueError, match="already holds a run.*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        claim_output_dir(str(tmp_path), resuming=False, overwrite=False)
+    claim_output_dir(str(tmp_path), resuming=True, overwrite=False).close()
+    claim_output_dir(str(tmp_path), resuming=False, overwrite=True).close()
+    assert list_checkpoints(str(tmp_path)) == []

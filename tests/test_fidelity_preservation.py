@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -419,6 +420,15 @@ def test_cache_regenerates_a_damaged_file(tmp_path, damage):
     assert not os.path.exists(path)
     assert torch.equal(cache.get_or_create(["a red cube"], generate), original)
     assert len(generate.calls) == 2 and os.path.isfile(path)
+
+
+def test_cache_removes_temporary_files_of_killed_writes_but_not_of_writes_in_progress(tmp_path):
+    debris, in_progress = tmp_path / ".abc.safetensors.x1.tmp", tmp_path / ".def.safetensors.x2.tmp"
+    debris.write_bytes(b"half")
+    in_progress.write_bytes(b"half")
+    os.utime(debris, (time.time() - 7200, time.time() - 7200))
+    ReferenceLatentCache(str(tmp_path), SETTINGS)
+    assert not debris.exists() and in_progress.exists()
 
 
 def test_cache_rejects_a_file_whose_metadata_does_not_match(tmp_path):

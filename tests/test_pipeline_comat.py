@@ -259,15 +259,16 @@ def training_output(tmp_path, lora_dir, base_model):
 
 
 def test_push_uploads_lora_card_and_samples_intact_and_never_the_token(
-    hub_configured, tmp_path, lora_dirs, caplog, capsys
+    hub_configured, tmp_path, lora_dirs, caplog, capsys, monkeypatch
 ):
     hub = hub_configured
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
     folder = training_output(tmp_path, lora_dirs["sd"], "tiny/sd-base")
     caplog.set_level(logging.DEBUG)
     for name in ("huggingface_hub", "httpx2", "httpcore2", "utils.hub"):
         caplog.set_level(logging.DEBUG, logger=name)
 
-    repo_id = push_lora_to_hub(str(folder), "someone/comat-test", token=TOKEN, private=True)
+    repo_id = push_lora_to_hub(str(folder), "someone/comat-test", private=True)
 
     assert repo_id == "someone/comat-test"
     assert hub.created == [{"name": "comat-test", "organization": "someone", "visibility": "private"}]
@@ -300,10 +301,11 @@ def test_push_uploads_lora_card_and_samples_intact_and_never_the_token(
         assert TOKEN.encode() not in content
 
 
-def test_push_folder_to_hub_keeps_the_training_loop_signature(hub_configured, tmp_path, lora_dirs):
+def test_push_folder_to_hub_keeps_the_training_loop_signature(hub_configured, tmp_path, lora_dirs, monkeypatch):
     hub = hub_configured
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
     folder = training_output(tmp_path, lora_dirs["sd"], "tiny/sd-base")
-    assert push_folder_to_hub(str(folder), "someone/run", token=TOKEN, private=False) == "someone/run"
+    assert push_folder_to_hub(str(folder), "someone/run", private=False) == "someone/run"
     assert hub.created[0]["visibility"] == "public"
     assert LORA_WEIGHTS_NAME in hub.files and not any(path.startswith("checkpoint-") for path in hub.files)
 
@@ -366,3 +368,17 @@ def test_cli_push_takes_the_token_from_hf_token_and_hides_it(hub, tmp_path, lora
     assert 'pipe.load_lora_weights("someone/cli-test")' in card.text and "![sample](samples/elsewhere.png)" in card.text
     assert "Prompt: `a blue square`" in card.text
     assert all(TOKEN.encode() not in content for content in hub.files.values())
+
+
+def test_cli_refuses_a_pickled_lora_and_a_token_on_the_command_line(tiny_paths, tmp_path, capsys):
+    pickled = tmp_path / "pickled-lora"
+    pickled.mkdir()
+    (pickled / "pytorch_lora_weights.bin").write_bytes(b"not to be unpickled")
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_comat.main(["generate", "--base_model", tiny_paths["sd"], "--lora", str(pickled), "--prompt", PROMPT, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "refuses to unpickle" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_comat.main(["push", "--lora_dir", str(pickled), "--repo_id", "someone/x", "--token", TOKEN])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "hf auth login" in err and TOKEN not in err

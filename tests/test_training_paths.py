@@ -78,14 +78,14 @@ def test_accumulating_two_micro_steps_of_one_prompt_equals_one_micro_step_of_two
     one_micro_step = build_iteration(tiny_paths, str(tmp_path / "a"), iteration_class=iteration_class, train_batch_size=2, **common)
     one_micro_step.micro_step(PROMPTS, 0)
     expected = [p.grad.clone() for p in one_micro_step.trainable_parameters]
-    expected_norm = one_micro_step.update(True, 0)["grad_norm"]
+    expected_norm = one_micro_step.update(True, 0)[0]["grad_norm"]
 
     accumulated = build_iteration(tiny_paths, str(tmp_path / "b"), iteration_class=iteration_class, train_batch_size=1,
                                   gradient_accumulation_steps=2, **common)
     for index, prompt in enumerate(PROMPTS):
         accumulated.micro_step([prompt], index)
     actual = [p.grad.clone() for p in accumulated.trainable_parameters]
-    actual_norm = accumulated.update(True, 0)["grad_norm"]
+    actual_norm = accumulated.update(True, 0)[0]["grad_norm"]
 
     assert sum(g.abs().sum().item() for g in expected) > 0
     for expected_grad, actual_grad in zip(expected, actual, strict=True):
@@ -116,7 +116,7 @@ def test_an_overflow_skips_the_step_lr_schedule_included_and_halves_the_scale(fp
     assert finite
     before, scale, lr_step = lora_state(comat), scaler.get_scale(), comat.lr_scheduler.last_epoch
     comat.lora_parameters[0].grad.view(-1)[0] = float("inf")  # an fp16 overflow in backward
-    logs = comat.update(True, 0)
+    logs, _ = comat.update(True, 0)
     assert comat.optimizer.step_was_skipped
     assert all(torch.equal(b, a) for b, a in zip(before, lora_state(comat)))
     assert comat.lr_scheduler.last_epoch == lr_step

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -485,6 +486,19 @@ class ReferenceLatentCache:
         self.settings = dict(settings)
         self._settings_json = _canonical_json(self.settings)
         os.makedirs(cache_dir, exist_ok=True)
+        self._remove_stale_temporary_files()
+
+    def _remove_stale_temporary_files(self, max_age_seconds=3600):
+        """Temporary files of writes killed outright (a write takes well under a second; one an hour old is
+        debris, not another run's write in progress)."""
+        now = time.time()
+        for name in os.listdir(self.cache_dir):
+            path = os.path.join(self.cache_dir, name)
+            try:
+                if name.endswith(".tmp") and now - os.path.getmtime(path) > max_age_seconds:
+                    os.remove(path)
+            except FileNotFoundError:  # another process removed it first
+                pass
 
     def key(self, prompt: str) -> str:
         return hashlib.sha256(

@@ -9,8 +9,9 @@ Next to ``README.md``, :func:`save_model_card` writes ``comat_model_card.json``,
 model, training settings, sample images), so that a later push can render the card again with the repo id in
 its loading snippet: a run trained without ``--push_to_hub`` only knew its output folder.
 
-The token is resolved by ``huggingface_hub`` itself (argument, ``HF_TOKEN``, or a saved login) and is
-only ever passed to its API calls: it is never written to a file, a log line or a tracker config.
+The token is resolved by ``huggingface_hub`` itself (``HF_TOKEN`` or a saved ``hf auth login``); the tools
+refuse a token on the command line (:data:`TOKEN_ON_COMMAND_LINE`), where ``ps``, shell history and a launcher's
+error message would show it. It is never written to a file, a log line or a tracker config.
 """
 
 import json
@@ -26,8 +27,13 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 MODEL_CARD_INPUTS_NAME = "comat_model_card.json"
 SAMPLES_DIR_NAME = "samples"
 # Resume state is useful locally but is not part of a published LoRA.
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "*.partial", "*.stale", "logs/*", "reference_latents/*"]
-SECRET_ARG_NAMES = ("hub_token",)
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "reference_latents/*", ".comat.lock"]
+SECRET_ARG_NAMES = ("hub_token", "token")
+TOKEN_ON_COMMAND_LINE = (
+    "is refused: a token on the command line shows in `ps`, in your shell history and in a launcher's error message. "
+    "Log in once with `hf auth login`, or set HF_TOKEN in the environment. If you have already typed the token in a "
+    "command, consider revoking it at https://huggingface.co/settings/tokens."
+)
 DEFAULT_SAMPLE_PROMPT = "a red book and a yellow vase"
 
 
@@ -144,7 +150,7 @@ def read_model_card_inputs(folder):
     return {}
 
 
-def push_folder_to_hub(folder, repo_id, token=None, private=False, commit_message="Upload CoMat LoRA"):
+def push_folder_to_hub(folder, repo_id, private=False, commit_message="Upload CoMat LoRA"):
     """Create (if needed) the model repo and upload ``folder`` without resume-only files; returns the repo id."""
     if not os.path.isfile(os.path.join(folder, LORA_WEIGHTS_NAME)):
         raise FileNotFoundError(
@@ -152,13 +158,12 @@ def push_folder_to_hub(folder, repo_id, token=None, private=False, commit_messag
         )
     # Made per call, so that it uses the endpoint configured now (HF_ENDPOINT, default https://huggingface.co).
     api = HfApi()
-    repo_id = api.create_repo(repo_id, exist_ok=True, token=token, private=private).repo_id
+    repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
     api.upload_folder(
         repo_id=repo_id,
         folder_path=folder,
         commit_message=commit_message,
         ignore_patterns=UPLOAD_IGNORE_PATTERNS,
-        token=token,
     )
     logger.info(f"Uploaded {folder} to {api.endpoint}/{repo_id}")
     return repo_id
@@ -170,7 +175,6 @@ def push_lora_to_hub(
     base_model=None,
     sample_images=(),
     sample_prompt=None,
-    token=None,
     private=False,
     commit_message="Upload CoMat LoRA",
 ):
@@ -207,7 +211,7 @@ def push_lora_to_hub(
         repo_id=repo_id,
         extra_tags=recorded.get("extra_tags", ()),
     )
-    return push_folder_to_hub(folder, repo_id, token=token, private=private, commit_message=commit_message)
+    return push_folder_to_hub(folder, repo_id, private=private, commit_message=commit_message)
 
 
 def _copy_into_folder(path, folder):

@@ -10,6 +10,7 @@ import os
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import HfHubHTTPError
+from safetensors import SafetensorError, safe_open
 
 
 class ModelLoadError(OSError):
@@ -36,10 +37,31 @@ def describe_load_failure(name_or_path, flag, error=None):
     )
 
 
+def _damaged_safetensors_file(folder):
+    """The first ``.safetensors`` file under ``folder`` whose header cannot be read, or None."""
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(root, name), framework="pt"):
+                        pass
+                except (SafetensorError, OSError):
+                    return os.path.join(root, name)
+    return None
+
+
 def load_pretrained(model_class, name_or_path, flag, **kwargs):
-    """``model_class.from_pretrained(name_or_path, **kwargs)``, with a clear error naming ``flag``."""
+    """``model_class.from_pretrained(name_or_path, **kwargs)``, with a clear error naming ``flag`` (and the damaged
+    file, when a weights file is)."""
     try:
         return model_class.from_pretrained(name_or_path, **kwargs)
+    except SafetensorError as error:
+        folder = os.path.join(name_or_path, kwargs.get("subfolder") or "") if os.path.isdir(name_or_path) else None
+        damaged = (_damaged_safetensors_file(folder) if folder else None) or "one of its .safetensors files"
+        raise ModelLoadError(
+            f"Could not load {flag} {name_or_path}: {damaged} is damaged (SafetensorError: {error}). Download or save the "
+            "model again (a Hub download: delete it from the cache first)."
+        ) from error
     except (OSError, ValueError, HfHubHTTPError) as error:
         raise ModelLoadError(describe_load_failure(name_or_path, flag, error)) from error
 

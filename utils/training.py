@@ -12,16 +12,19 @@ parameters are few (LoRA), so their gradients are all-reduced by hand in one fla
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
-from .hub import LORA_WEIGHTS_NAME
+from .hub import LORA_WEIGHTS_NAME, TOKEN_ON_COMMAND_LINE
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +50,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     output.add_argument("--output_dir", type=str, default=recipe["output_dir"], help="Where the LoRA, model card, checkpoints and logs are written.")
     output.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir.")
     output.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: 'tensorboard', 'wandb', 'all' or 'none'.")
-    output.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
-    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest removed first).")
-    output.add_argument("--resume_from_checkpoint", type=str, default=None, help="Resume from 'latest' (the newest complete checkpoint in --output_dir) or a checkpoint folder.")
+    output.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps, and at the last step.")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest is removed once a new one is complete).")
+    output.add_argument("--resume_from_checkpoint", type=str, default=None, help="Resume from 'latest' (the newest checkpoint in --output_dir that verifies) or a checkpoint folder. The learning rates of this run apply; settings that shape the saved state (--rank, --train_batch_size, processes …) must match.")
+    output.add_argument("--overwrite_output_dir", action="store_true", help="Start a new run in an --output_dir that holds an earlier run's checkpoints or LoRA (they are removed). Without it such a folder is refused unless resuming.")
     output.add_argument("--validation_prompt", type=str, default=None, help="Prompt rendered every --validation_steps and at the end (TensorBoard/wandb and the model card).")
     output.add_argument("--num_validation_images", type=int, default=4, help="Images generated per validation.")
     output.add_argument("--validation_steps", type=int, default=100, help="Run validation every N optimizer steps (needs --validation_prompt).")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (LoRA + model card) to the Hub at the end.")
     output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id for --push_to_hub. Default: the --output_dir folder name.")
-    output.add_argument("--hub_token", type=str, default=None, help="Hub token for --push_to_hub. Prefer `huggingface-cli login` or HF_TOKEN: a token on the command line is visible to other users of the machine.")
+    output.add_argument("--hub_token", type=str, default=None, help="Refused (use `hf auth login` or HF_TOKEN): a token on the command line shows in `ps`, shell history and launcher error messages.")
     output.add_argument("--hub_private", action="store_true", help="Create the Hub repo as private.")
 
     optim = parser.add_argument_group("optimisation")
@@ -137,9 +141,8 @@ def validate_args(args, parser):
         parser.error(f"--num_grad_steps {args.num_grad_steps} must be between 1 and --num_inference_steps ({args.num_inference_steps}).")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
         parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
-    # Tracker configs never get the token (public_training_settings), but wandb also records the command line.
-    if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        parser.error(f"--hub_token together with --report_to {args.report_to} would expose the token in wandb's record of the command line: log in with `huggingface-cli login` (or set HF_TOKEN) instead.")
+    if args.hub_token is not None:
+        parser.error(f"--hub_token {TOKEN_ON_COMMAND_LINE}")
     if args.max_train_steps is None and args.num_train_epochs is None:
         parser.error("Give --max_train_steps or --num_train_epochs.")
     if args.attribute_concentration and not 1 <= args.attention_loss_steps <= args.num_grad_steps:
@@ -260,13 +263,14 @@ def check_replicas_in_sync(params, accelerator):
     logger.info(f"LoRA identical on {accelerator.num_processes} processes.")
 
 
-def any_process(flag, accelerator):
-    """True on every process if ``flag`` is true on any (for decisions that all ranks must take together)."""
+def any_process(flags, accelerator):
+    """Per flag, True on every process if it is true on any (decisions all ranks must take together), in one
+    collective call."""
     if accelerator.num_processes == 1:
-        return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    dist.all_reduce(value)
-    return value.item() > 0
+        return [bool(flag) for flag in flags]
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=accelerator.device)
+    dist.all_reduce(values)
+    return [value > 0 for value in values.tolist()]
 
 
 def sampling_generator(seed, micro_step, process_index, device="cpu"):
@@ -319,35 +323,136 @@ def total_train_steps(args, num_prompts, num_processes):
     return math.ceil(args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps)
 
 
-class InterruptionHandler:
-    """Turns SIGTERM (cluster preemption) and SIGINT (Ctrl-C) into a flag the loop checks after each step,
-    so the run can save a checkpoint and exit instead of dying mid-write."""
+class StepAbandoned(BaseException):
+    """Raised in the main thread by :class:`StopRequest` to unwind the work in progress. A BaseException, like
+    KeyboardInterrupt, so that libraries' ``except Exception`` (e.g. retries of an upload) do not swallow it."""
+
+
+class StopRequest:
+    """Turns SIGTERM (preemption, a launcher stopping) and SIGINT (Ctrl-C) into a prompt, clean stop.
+
+    Work inside :meth:`abandonable` (the micro-steps of a training step, a validation, an upload) is abandoned at
+    once: the handler raises :class:`StepAbandoned` there. Elsewhere (the optimizer update, a checkpoint save) the
+    signal is only recorded, and the next :meth:`abandonable` block raises on entry. The loop then saves the last
+    completed step and exits with 128 + the signal number, so a preemption costs seconds, not a step: torch
+    elastic and Slurm SIGKILL 30 s after their SIGTERM. A second Ctrl-C stops at once.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received = None
+        self._abandonable = False
         self._previous = {}
+
+    @property
+    def requested(self):
+        return self.received is not None
+
+    @property
+    def exit_code(self):
+        return 128 + (self.received or signal.SIGTERM)
 
     def __enter__(self):
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means "now"
-        self.received = signum
-        logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting.")
-
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         return False
 
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C means "now"
+            return
+        self.received = signum
+        logger.warning(f"Received {signal.Signals(signum).name}: stopping; the last completed step will be saved.")
+        if self._abandonable:
+            self._abandonable = False
+            raise StepAbandoned
 
-class NonFiniteLossError(RuntimeError):
-    pass
+    @contextlib.contextmanager
+    def abandonable(self):
+        """A block whose work a stop discards: it raises :class:`StepAbandoned` on entry after a stop, or when one
+        arrives inside it."""
+        if self.requested:
+            raise StepAbandoned
+        self._abandonable = True
+        try:
+            yield
+        finally:
+            self._abandonable = False
+
+
+def stop_when_launcher_dies():
+    """Under a launcher (accelerate launch, torchrun), ask Linux to send this process SIGTERM when the launcher
+    dies: a launcher killed outright (``accelerate launch`` dies of the SIGTERM it does not forward) would
+    otherwise leave the trainer running on, orphaned. A trainer started directly (``nohup python …``) keeps
+    running when its shell exits."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != launcher:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# Settings a resumed run must share with the run that wrote its checkpoint: they shape the saved state (LoRA
+# ranks, which modules have parameters, the optimizer's format) or the order in which prompts are dealt out.
+# Every other flag may change on resume; the learning rates are then applied (see apply_learning_rates).
+RESUME_INVARIANTS = {
+    "rank": "--rank", "lora_alpha": "--lora_alpha", "fidelity_preservation": "--fidelity_preservation",
+    "discriminator_rank": "--discriminator_rank", "discriminator_model_name_or_path": "--discriminator_model_name_or_path",
+    "use_8bit_adam": "--use_8bit_adam", "seed": "--seed", "train_batch_size": "--train_batch_size",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps", "num_processes": "the number of processes",
+    "prompts": "the prompts of --train_data",
+}
+
+
+def resume_settings(args, prompts, num_processes):
+    """This run's values of :data:`RESUME_INVARIANTS` (saved in every checkpoint)."""
+    settings = {name: getattr(args, name) for name in RESUME_INVARIANTS if hasattr(args, name)}
+    settings["lora_alpha"] = args.lora_alpha or args.rank
+    if not args.fidelity_preservation:
+        del settings["discriminator_rank"], settings["discriminator_model_name_or_path"]
+    settings["num_processes"] = num_processes
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+    settings["prompts"] = f"{len(prompts)} prompts, sha256 {digest}"
+    return settings
+
+
+def check_resume_settings(saved, current, checkpoint_dir):
+    """Refuse, in one message, a resume whose invariant settings differ from the checkpoint's."""
+    differences = [
+        f"{RESUME_INVARIANTS[name]}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now"
+        for name in RESUME_INVARIANTS if saved.get(name) != current.get(name)
+    ]
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {checkpoint_dir}: " + "; ".join(differences) + ". These shape the saved state or the "
+            "order of the prompts. Resume with the checkpoint's values, or start a new run (another --output_dir, or "
+            "--overwrite_output_dir)."
+        )
+
+
+def apply_learning_rates(optimizer, lr_scheduler, learning_rates):
+    """After loading a checkpoint's optimizer and schedule, put this run's base learning rates back (the loaded
+    state holds the old run's) at the schedule's current position. Logs each change."""
+    for index, (group, old, new) in enumerate(zip(optimizer.param_groups, list(lr_scheduler.base_lrs), learning_rates, strict=True)):
+        if old == new:
+            continue
+        logger.warning(f"Resume: learning rate of parameter group {index} {old:g} -> {new:g} (this run's flag).")
+        lr_scheduler.base_lrs[index] = new
+        group["initial_lr"] = new
+        group["lr"] = new * lr_scheduler.lr_lambdas[index](lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class NonFiniteGuard:

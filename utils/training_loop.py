@@ -36,7 +36,7 @@ import torch
 
 from .attention_capture import install_attention_capture
 from .attribute_concentration import attribute_concentration_losses
-from .checkpointing import load_checkpoint, resolve_resume_checkpoint, save_checkpoint
+from .checkpointing import claim_output_dir, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .concept_matching import CaptionScorer
 from .differentiable_sampling import (
     decode_latents,
@@ -61,20 +61,24 @@ from .model_loading import ModelLoadError
 from .prompts import load_prompts
 from .training import (
     GradScalerState,
-    InterruptionHandler,
     NonFiniteGuard,
-    NonFiniteLossError,
     ResumableBatchSampler,
+    StepAbandoned,
+    StopRequest,
     all_reduce_gradients,
     any_process,
+    apply_learning_rates,
     broadcast_parameters,
     check_replicas_in_sync,
+    check_resume_settings,
     configure_logging,
     load_unet_lora,
     lora_config,
     lora_metadata,
     make_accelerator,
+    resume_settings,
     sampling_generator,
+    stop_when_launcher_dies,
     total_train_steps,
     trainable_parameters,
     unet_lora_state_dict,
@@ -449,14 +453,19 @@ class CoMatIteration:
                     self.accelerator.backward(losses["discriminator_loss"])
         return losses, is_finite
 
-    def update(self, step_loss_is_finite, global_step):
+    def update(self, step_loss_is_finite, global_step, stop_requested=False):
         """One generator step, then one discriminator step, and gradients reset. All processes skip a step together
-        when any had a non-finite loss or gradient (under fp16: an overflow, which the grad scaler skips).
-        Returns the gradient norms and, under fp16, the loss scale, for logging."""
+        when any had a non-finite loss or gradient (under fp16: an overflow, which the grad scaler skips), and all
+        discard it when any was asked to stop (``stop_requested``: its step may be incomplete).
+        Returns (logs: the gradient norms and, under fp16, the loss scale; whether the run stops)."""
         args, accelerator, scaler = self.args, self.accelerator, self.accelerator.scaler
         logs = {}
         with self.timer.phase("optimizer"):
-            update_is_finite = not any_process(not step_loss_is_finite, accelerator)
+            any_nonfinite, stopping = any_process([not step_loss_is_finite, stop_requested], accelerator)
+            if stopping:
+                self.optimizer.zero_grad(set_to_none=True)
+                return logs, True
+            update_is_finite = not any_nonfinite
             if update_is_finite:
                 # Average the *scaled* gradients of both groups, then unscale: every process then sees the same
                 # gradients, so the scaler finds the same overflow everywhere and the loss scales stay equal.
@@ -477,7 +486,7 @@ class CoMatIteration:
             self.optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             logs["loss_scale"] = scaler.get_scale()
-        return logs
+        return logs, False
 
 
 def train(args, family):
@@ -485,37 +494,45 @@ def train(args, family):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    stop_when_launcher_dies()
     accelerator = make_accelerator(args)
     configure_logging(accelerator)
     logger.info(accelerator.state)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
 
-    # ---- Prompts, models, modules, optimizers (bad input ends here with a message, not a traceback) --
+    # ---- Output folder, prompts, resume point, models (bad input ends here with a message) ---------
     try:
+        # Held until the process ends: a second run into this folder is refused.
+        output_dir_lock = claim_output_dir(
+            args.output_dir, resuming=args.resume_from_checkpoint is not None or args.prepare_reference_latents_only,
+            overwrite=args.overwrite_output_dir,
+        ) if accelerator.is_main_process else None
         prompts = load_prompts(args.train_data, args.text_column, args.cache_dir)
         max_train_steps = total_train_steps(args, len(prompts), accelerator.num_processes)
+        settings = resume_settings(args, prompts, accelerator.num_processes)
+        resume_dir, saved_state = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if resume_dir is not None:
+            check_resume_settings(saved_state.get("settings", {}), settings, resume_dir)
         comat = CoMatIteration(args, family, accelerator, max_train_steps)
+        warn_about_long_prompts(prompts, family.tokenizers)
+        if args.prepare_reference_latents_only:
+            prepare_reference_latents(comat, prompts)
+            return
+
+        # ---- Resume, prompt order -------------------------------------------------------------------
+        global_step = 0
+        if resume_dir is not None:
+            learning_rates = list(comat.lr_scheduler.base_lrs)
+            global_step = load_checkpoint(
+                accelerator, resume_dir, comat.load_lora, [comat.optimizer], [comat.lr_scheduler], comat.checkpointed_modules
+            )["global_step"]
+            apply_learning_rates(comat.optimizer, comat.lr_scheduler, learning_rates)
+            logger.info(f"Resumed from {resume_dir} at step {global_step}")
     except (ModelLoadError, ValueError, OSError) as error:
         logger.error(str(error))
         raise SystemExit(2) from None
-    warn_about_long_prompts(prompts, family.tokenizers)
-    if args.prepare_reference_latents_only:
-        prepare_reference_latents(comat, prompts)
-        return
-
-    # ---- Resume, prompt order -----------------------------------------------------------------------
-    global_step = 0
-    resume_dir = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if resume_dir is not None:
-        state = load_checkpoint(
-            accelerator, resume_dir, comat.load_lora, [comat.optimizer], [comat.lr_scheduler], comat.checkpointed_modules
-        )
-        global_step = state["global_step"]
-        logger.info(f"Resumed from {resume_dir} at step {global_step}")
 
     batch_sampler = ResumableBatchSampler(
         len(prompts), args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed,
@@ -525,11 +542,16 @@ def train(args, family):
     if accelerator.is_main_process:
         accelerator.init_trackers("comat", config=public_training_settings(args))
 
+    saved_step = global_step if resume_dir is not None else None
+
     def checkpoint(step):
+        nonlocal saved_step
         save_checkpoint(
             accelerator, args.output_dir, step, comat.save_lora, [comat.optimizer], [comat.lr_scheduler],
-            {"micro_step": step * args.gradient_accumulation_steps}, comat.checkpointed_modules, args.checkpoints_total_limit,
+            {"micro_step": step * args.gradient_accumulation_steps, "settings": settings}, comat.checkpointed_modules,
+            args.checkpoints_total_limit,
         )
+        saved_step = step
 
     # ---- Training loop -----------------------------------------------------------------------------
     logger.info(
@@ -541,18 +563,30 @@ def train(args, family):
     progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     batches = iter(dataloader)
     nonfinite_guard = comat.nonfinite_guard
-    interrupted = None
-    with InterruptionHandler() as interruption:
+    with StopRequest() as stop:
         while global_step < max_train_steps:
             logs = {}
             step_loss_is_finite = True
-            for accumulation_index in range(args.gradient_accumulation_steps):
-                micro_step = global_step * args.gradient_accumulation_steps + accumulation_index
-                losses, loss_is_finite = comat.micro_step(next(batches), micro_step)
-                step_loss_is_finite &= loss_is_finite
-                for name, value in losses.items():
-                    logs[name] = logs.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
-            logs.update(comat.update(step_loss_is_finite, global_step))
+            # A stop discards the step in progress: the RNG goes back to where it stood, so the checkpoint holds
+            # exactly the state after the last completed step.
+            rng_at_step_start = rng_state()
+            try:
+                with stop.abandonable():
+                    for accumulation_index in range(args.gradient_accumulation_steps):
+                        micro_step = global_step * args.gradient_accumulation_steps + accumulation_index
+                        losses, loss_is_finite = comat.micro_step(next(batches), micro_step)
+                        step_loss_is_finite &= loss_is_finite
+                        for name, value in losses.items():
+                            logs[name] = logs.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
+            except StepAbandoned:
+                logger.warning(f"Step {global_step + 1} abandoned.")
+            update_logs, stopping = comat.update(step_loss_is_finite, global_step, stop_requested=stop.requested)
+            if stopping:
+                set_rng_state(*rng_at_step_start)
+                if saved_step != global_step:
+                    checkpoint(global_step)
+                break
+            logs.update(update_logs)
             global_step += 1
             progress.update(1)
             logs.update(lr=comat.lr_scheduler.get_last_lr()[0], skipped_nonfinite_steps=nonfinite_guard.total_skipped)
@@ -561,43 +595,61 @@ def train(args, family):
 
             if nonfinite_guard.exhausted:
                 checkpoint(global_step)
-                accelerator.wait_for_everyone()
                 accelerator.end_training()
-                raise NonFiniteLossError(
+                logger.error(
                     f"{args.max_nonfinite_steps} optimizer steps in a row had a non-finite loss (last: step {global_step}); "
-                    f"saved checkpoint-{global_step}. Lower --learning_rate, use --mixed_precision bf16, or check the prompts."
+                    f"saved checkpoint-{global_step}. Lower --learning_rate, use --mixed_precision bf16, or check the "
+                    "prompts, then resume with --resume_from_checkpoint latest (the new learning rate applies)."
                 )
-            if any_process(interruption.received is not None, accelerator):
-                interrupted = interruption.received or 15
+                raise SystemExit(1)
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 checkpoint(global_step)
-                break
-            if global_step % args.checkpointing_steps == 0 and global_step < max_train_steps:
-                checkpoint(global_step)
-            if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(args, accelerator, family, comat.weight_dtype, global_step)
-    progress.close()
+            if args.validation_prompt and global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                if accelerator.is_main_process:
+                    try:
+                        with stop.abandonable():
+                            log_validation(args, accelerator, family, comat.weight_dtype, global_step)
+                    except StepAbandoned:
+                        logger.warning("Validation abandoned.")
+        progress.close()
 
-    if interrupted is not None:
-        logger.warning(f"Stopped by a signal at step {global_step}; resume with --resume_from_checkpoint latest.")
+        if stop.requested and global_step < max_train_steps:
+            logger.warning(f"Stopped at step {global_step} (checkpoint-{global_step}); resume with --resume_from_checkpoint latest.")
+            accelerator.end_training()
+            sys.exit(stop.exit_code)
+
+        # ---- Final LoRA, validation, model card, Hub --------------------------------------------------
+        check_replicas_in_sync(comat.lora_parameters, accelerator)
+        if accelerator.is_main_process:
+            comat.save_lora(args.output_dir)
+            image_paths = []
+            if args.validation_prompt:
+                try:
+                    with stop.abandonable():
+                        image_paths = log_validation(args, accelerator, family, comat.weight_dtype, global_step)
+                except StepAbandoned:
+                    logger.warning("Final validation abandoned: the model card has no sample images.")
+            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+            save_model_card(
+                args.output_dir, args.pretrained_model_name_or_path, family.pipeline_class.__name__, public_training_settings(args),
+                args.validation_prompt, image_paths, repo_id=repo_id if args.push_to_hub else None,
+            )
+            if args.push_to_hub:
+                try:
+                    with stop.abandonable():
+                        push_folder_to_hub(args.output_dir, repo_id, private=args.hub_private)
+                except StepAbandoned:
+                    logger.warning(
+                        f"Upload interrupted. The LoRA is saved in {args.output_dir}; upload it with: python "
+                        f"pipeline_comat.py push --lora_dir {args.output_dir} --repo_id {repo_id}"
+                    )
+            logger.info(f"Saved the CoMat LoRA to {args.output_dir}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        sys.exit(128 + interrupted)
-
-    # ---- Final LoRA, validation, model card, Hub --------------------------------------------------
-    check_replicas_in_sync(comat.lora_parameters, accelerator)
-    if accelerator.is_main_process:
-        comat.save_lora(args.output_dir)
-        image_paths = log_validation(args, accelerator, family, comat.weight_dtype, global_step) if args.validation_prompt else []
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        save_model_card(
-            args.output_dir, args.pretrained_model_name_or_path, family.pipeline_class.__name__, public_training_settings(args),
-            args.validation_prompt, image_paths, repo_id=repo_id if args.push_to_hub else None,
-        )
-        if args.push_to_hub:
-            push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
-        logger.info(f"Saved the CoMat LoRA to {args.output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if output_dir_lock is not None:
+        output_dir_lock.close()
+    if stop.requested:
+        sys.exit(stop.exit_code)
 
 
 def prepare_reference_latents(comat, prompts):
