@@ -44,7 +44,11 @@ import os
 import re
 from dataclasses import dataclass
 
+if not __package__:  # run as a script or imported from the project folder (see below)
+    importlib.import_module("utils")  # first: it hides expected library warnings before diffusers loads
+
 import huggingface_hub.constants
+import huggingface_hub.errors
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -75,13 +79,16 @@ from transformers import (
 # folder is not on sys.path, although the relative branch is then the one that runs.
 if __package__:
     from .utils.attention_capture import install_attention_capture, remove_attention_capture
-    from .utils.hub import TOKEN_ON_COMMAND_LINE, push_lora_to_hub
+    from .utils.hub import TOKEN_ON_COMMAND_LINE, push_lora_to_hub, read_model_card_inputs
+    from .utils.model_loading import describe_load_failure
 else:
     _attention_capture = importlib.import_module("utils.attention_capture")
     install_attention_capture = _attention_capture.install_attention_capture
     remove_attention_capture = _attention_capture.remove_attention_capture
     _hub = importlib.import_module("utils.hub")
     push_lora_to_hub, TOKEN_ON_COMMAND_LINE = _hub.push_lora_to_hub, _hub.TOKEN_ON_COMMAND_LINE
+    read_model_card_inputs = _hub.read_model_card_inputs
+    describe_load_failure = importlib.import_module("utils.model_loading").describe_load_failure
 
 # Every cross-attention layer: the paper's diagnostic averages over all of them.
 ALL_CROSS_ATTENTION_LAYERS = "down,mid,up"
@@ -351,7 +358,8 @@ def save_token_activation_plot(results: dict[str, TokenActivations], path: str) 
     """Writes a PNG: a bar chart of the prompt tokens' activations per variant (base vs CoMat), and under it,
     for every variant, its image and each token's heatmap over it; returns ``path``.
 
-    A token's heatmaps share one colour scale across variants, so a stronger focus shows as more intense.
+    A token's heatmaps share one colour scale across variants (1 = the token's highest attention in any variant,
+    shown by the colour bar), so a stronger focus shows as more intense.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -365,9 +373,11 @@ def save_token_activation_plot(results: dict[str, TokenActivations], path: str) 
 
     figure = Figure(figsize=(max(6.0, 1.7 * (num_tokens + 1)), 3.0 + 1.9 * len(names)))
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(1 + len(names), num_tokens + 1, height_ratios=[1.5] + [1.0] * len(names))
+    grid = figure.add_gridspec(
+        1 + len(names), num_tokens + 2, height_ratios=[1.5] + [1.0] * len(names), width_ratios=[1.0] * (num_tokens + 1) + [0.08]
+    )
 
-    bars = figure.add_subplot(grid[0, :])
+    bars = figure.add_subplot(grid[0, :-1])
     bar_width = 0.8 / len(names)
     for index, name in enumerate(names):
         offset = (index - (len(names) - 1) / 2) * bar_width
@@ -392,9 +402,10 @@ def save_token_activation_plot(results: dict[str, TokenActivations], path: str) 
         for column, token in enumerate(tokens, start=1):
             axes = figure.add_subplot(grid[row, column])
             axes.imshow(results[name].image)
-            axes.imshow((heatmaps[name][column - 1] / scale[column - 1]).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            shown = axes.imshow((heatmaps[name][column - 1] / scale[column - 1]).numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             axes.set_title(token)
             axes.axis("off")
+    figure.colorbar(shown, cax=figure.add_subplot(grid[1:, -1]), label="attention / token's maximum")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
@@ -455,10 +466,30 @@ def parse_args(argv=None):
     return args
 
 
+def _looks_like_a_path(name):
+    """A local path rather than a Hub id ("owner/name" or "name")."""
+    return name.startswith((os.sep, ".", "~")) or name.count("/") > 1
+
+
+def _check_model_flag(name, flag):
+    """Before loading anything: a path that does not exist, or a Hub id while offline, ends the CLI with a message."""
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    if not os.path.exists(name) and (_looks_like_a_path(name) or offline):
+        if _looks_like_a_path(name):
+            _fail(f"{flag} {name}: no such folder.")
+        _fail(describe_load_failure(name, flag))
+
+
 def _load_pipeline(args):
+    _check_model_flag(args.base_model, "--base_model")
+    if args.lora:
+        _check_model_flag(args.lora, "--lora")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipeline = CoMatPipeline.from_pretrained(args.base_model, revision=args.revision, variant=args.variant, dtype=dtype)
+    try:
+        pipeline = CoMatPipeline.from_pretrained(args.base_model, revision=args.revision, variant=args.variant, dtype=dtype)
+    except (OSError, ValueError, huggingface_hub.errors.HfHubHTTPError) as error:
+        _fail(describe_load_failure(args.base_model, "--base_model", error))
     if args.lora:
         _load_lora_safetensors(pipeline, args.lora)
     pipeline.set_progress_bar_config(disable=True)
@@ -466,16 +497,22 @@ def _load_pipeline(args):
 
 
 def _load_lora_safetensors(pipeline, lora):
-    """Load ``--lora`` from safetensors only: a pickled ``.bin`` LoRA could run code when unpickled."""
+    """Load ``--lora`` from safetensors only (a pickled ``.bin`` LoRA could run code when unpickled), into a base
+    of the family it was trained on."""
     import safetensors
 
+    trained_with = read_model_card_inputs(lora).get("pipeline_class_name") if os.path.isdir(lora) else None
+    is_xl = "text_encoder_2" in pipeline.components and pipeline.text_encoder_2 is not None
+    if trained_with and ("XL" in trained_with) != is_xl:
+        _fail(f"--lora {lora} was trained for a {trained_with} base, but --base_model is an "
+              f"{'SDXL' if is_xl else 'SD 1.x/2.x'} model: use a base of the LoRA's family.")
     try:
         pipeline.load_lora_weights(lora, use_safetensors=True)
-    except (OSError, ValueError, safetensors.SafetensorError) as error:
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as error:
         pickled = os.path.isdir(lora) and any(name.endswith(".bin") for name in os.listdir(lora))
         reason = ("it holds a pickled .bin LoRA, which this tool refuses to unpickle: convert it to safetensors"
                   if pickled else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-        _fail(f"--lora {lora}: no safetensors LoRA could be loaded ({reason}).")
+        _fail(f"--lora {lora}: the LoRA could not be loaded into --base_model ({reason}).")
 
 
 def _fail(message):

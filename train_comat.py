@@ -23,12 +23,13 @@ Then: ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights("comat-s
 
 import argparse
 
+import utils  # noqa: F401  (first: it hides expected library warnings before diffusers loads)
 import torch
 from diffusers import StableDiffusionPipeline
 
 from utils.attention_capture import SD_DEFAULT_ATTENTION_LAYERS
 from utils.model_loading import is_sdxl_checkpoint, load_pretrained, read_model_index
-from utils.training import add_training_arguments, resolve_resolution, validate_args
+from utils.training import HelpFormatter, add_training_arguments, resolve_resolution, validate_args
 from utils.training_loop import train
 
 # Defaults = the SD1.5 recipe of comat_method.md.
@@ -45,7 +46,7 @@ SD_RECIPE = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     return add_training_arguments(parser, SD_RECIPE)
 
 

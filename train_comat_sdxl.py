@@ -27,12 +27,13 @@ Then: ``StableDiffusionXLPipeline.from_pretrained(base).load_lora_weights("comat
 
 import argparse
 
+import utils  # noqa: F401  (first: it hides expected library warnings before diffusers loads)
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from utils.attention_capture import SDXL_DEFAULT_ATTENTION_LAYERS
 from utils.model_loading import is_sdxl_checkpoint, load_pretrained, read_model_index
-from utils.training import add_training_arguments, resolve_resolution, validate_args
+from utils.training import HelpFormatter, add_training_arguments, resolve_resolution, validate_args
 from utils.training_loop import train
 
 # Defaults = the SDXL recipe of comat_method.md, at SDXL's native resolution.
@@ -49,7 +50,7 @@ SDXL_RECIPE = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_training_arguments(parser, SDXL_RECIPE)
     sdxl = parser.add_argument_group("SDXL")
     sdxl.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None, help="Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (decodes in fp16). Under fp16 a VAE whose config sets force_upcast (SDXL's own) runs in fp32. Loaded without the base model's --revision/--variant.")

@@ -3,7 +3,8 @@
 # the built-in prompts, all three modules; then the LoRA is loaded back into a stock diffusers pipeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -d .venv ] || bash scripts/install.sh
+# A missing or half-finished installation (no completion marker) is (re)done first.
+[ -f .venv/.comat-install-complete ] || bash scripts/install.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 

@@ -11,10 +11,12 @@ class HubStandIn:
     repo creation, README.md metadata validation, preupload and commit.
 
     Every file is answered "regular" at preupload, so contents arrive base64-encoded in the commit. Other
-    requests get a 404 and are recorded in :attr:`unexpected`.
+    requests get a 404 and are recorded in :attr:`unexpected`. ``refuse`` names requests answered 403 instead, as
+    the Hub answers a token without write access: ``"create"`` (repo creation) or ``"commit"``.
     """
 
-    def __init__(self):
+    def __init__(self, refuse=()):
+        self.refuse = set(refuse)
         self.created = []
         self.validated = []
         self.files = {}
@@ -28,10 +30,15 @@ class HubStandIn:
                 stand_in.authorizations.add(self.headers.get("authorization"))
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 parts = self.path.split("?")[0].strip("/").split("/")
-                if parts == ["api", "repos", "create"]:
+                if ("create" in stand_in.refuse and parts == ["api", "repos", "create"]) or (
+                    "commit" in stand_in.refuse and parts[:2] == ["api", "models"] and parts[-2] == "commit"
+                ):
+                    self.reply({"error": "You don't have the rights to write to this repo"}, status=403)
+                elif parts == ["api", "repos", "create"]:
                     payload = json.loads(body)
                     stand_in.created.append(payload)
-                    self.reply({"url": f"{stand_in.url}/{payload['organization']}/{payload['name']}"})
+                    # Without an organization the Hub puts the repo under the token's user.
+                    self.reply({"url": f"{stand_in.url}/{payload['organization'] or 'stand-in-user'}/{payload['name']}"})
                 elif parts == ["api", "validate-yaml"]:
                     # upload_folder has the Hub check the metadata of a README.md before uploading it.
                     stand_in.validated.append(json.loads(body))

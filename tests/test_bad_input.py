@@ -3,10 +3,11 @@
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
-from conftest import run_script
+from conftest import REPO_ROOT, launch_command, run_script, script_env
 from test_train_comat import tiny_args
 
 SCRIPT = "train_comat.py"
@@ -35,7 +36,46 @@ def _fails_with(args, message):
 def test_bad_flags(tiny_paths, tmp_path, overrides, message):
     args = tiny_args(tiny_paths, str(tmp_path / "out"), **overrides)
     _fails_with(args, message)
-    assert not os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert not os.path.exists(tmp_path / "out"), "a run that fails before training leaves no output folder"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"lr_scheduler": "cosin"}, "--lr_scheduler: invalid choice: 'cosin'"),
+    ({"report_to": "tensorbaord"}, "--report_to: invalid choice: 'tensorbaord'"),
+    ({"learning_rate": 0}, "--learning_rate must be positive, got 0.0"),
+    ({"learning_rate": -0.001}, "--learning_rate must be positive, got -0.001"),
+    ({"rank": 0}, "--rank must be at least 1, got 0"),
+    ({"checkpointing_steps": 0}, "--checkpointing_steps must be at least 1"),
+    ({"validation_steps": 0}, "--validation_steps must be at least 1"),
+    ({"resolution": 0}, "--resolution must be at least 1"),
+    ({"max_nonfinite_steps": 0}, "--max_nonfinite_steps must be at least 1"),
+    ({"report_to": "wandb"}, "--report_to wandb needs wandb, which is not installed"),
+])
+def test_bad_flag_values_are_refused_by_the_parser(tiny_paths, tmp_path, capsys, overrides, message):
+    """The checks of parse_args (the script's first step): the message alone, exit code 2, before anything loads."""
+    import train_comat
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_comat.parse_args(tiny_args(tiny_paths, str(tmp_path / "out"), **overrides))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_run_time_input_errors_end_with_the_message_alone_and_exit_code_2(tiny_paths, tmp_path):
+    """Errors found once the prompts and the output folder are read, each in its own run (side by side)."""
+    three_prompts = tmp_path / "three.txt"
+    three_prompts.write_text("a red cube\na blue ball\na green cup\n")
+    cases = [
+        ({"train_data": str(three_prompts), "train_batch_size": 4}, "--train_data has 3 prompts, fewer than one batch for every process (4 × 1)"),
+        ({"resume_from_checkpoint": "/nonexistent/checkpoint-3"}, "--resume_from_checkpoint '/nonexistent/checkpoint-3' is not a complete checkpoint"),
+    ]
+    processes = []
+    for index, (overrides, message) in enumerate(cases):
+        command = launch_command("python", SCRIPT) + tiny_args(tiny_paths, str(tmp_path / f"out{index}"), **overrides)
+        processes.append((subprocess.Popen(command, env=script_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True), message))
+    for process, message in processes:
+        output = process.communicate(timeout=300)[0]
+        assert process.returncode == 2 and message in output and "Traceback" not in output, (message, output[-2000:])
 
 
 def test_empty_train_data(tiny_paths, tmp_path):

@@ -370,7 +370,21 @@ def test_cli_push_takes_the_token_from_hf_token_and_hides_it(hub, tmp_path, lora
     assert all(TOKEN.encode() not in content for content in hub.files.values())
 
 
-def test_cli_refuses_a_pickled_lora_and_a_token_on_the_command_line(tiny_paths, tmp_path, capsys):
+@pytest.mark.parametrize("with_card", [True, False], ids=["recorded-family", "weights-only"])
+def test_cli_refuses_a_lora_of_the_other_family(tiny_paths, lora_dirs, tmp_path, capsys, with_card):
+    lora = tmp_path / "sd-lora"
+    shutil.copytree(lora_dirs["sd"], lora)
+    if with_card:
+        save_model_card(str(lora), "tiny/sd-base", "StableDiffusionPipeline", {}, None, [])
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_comat.main(["generate", "--base_model", tiny_paths["sdxl"], "--lora", str(lora), "--prompt", PROMPT, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--lora {lora}" in err and "Traceback" not in err
+    if with_card:
+        assert "trained for a StableDiffusionPipeline base, but --base_model is an SDXL model" in err
+
+
+def test_cli_refuses_a_pickled_lora_a_token_on_the_command_line_and_missing_paths(tiny_paths, tmp_path, capsys):
     pickled = tmp_path / "pickled-lora"
     pickled.mkdir()
     (pickled / "pytorch_lora_weights.bin").write_bytes(b"not to be unpickled")
@@ -379,6 +393,33 @@ def test_cli_refuses_a_pickled_lora_and_a_token_on_the_command_line(tiny_paths, 
     assert exit_info.value.code == 2
     assert "refuses to unpickle" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
+        pipeline_comat.main(["generate", "--base_model", tiny_paths["sd"], "--lora", "./comat-sd15-typo", "--prompt", PROMPT])
+    assert exit_info.value.code == 2 and "--lora ./comat-sd15-typo: no such folder." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_comat.main(["generate", "--base_model", str(tmp_path / "no-base"), "--prompt", PROMPT])
+    assert exit_info.value.code == 2 and f"--base_model {tmp_path / 'no-base'}: no such folder." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         pipeline_comat.main(["push", "--lora_dir", str(pickled), "--repo_id", "someone/x", "--token", TOKEN])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "hf auth login" in err and TOKEN not in err
+
+
+def test_expected_library_warnings_are_hidden_and_the_others_print_once(tiny_paths, lora_dirs):
+    """What a person reads: no torchvision-fallback or "No LoRA keys … CLIPTextModel" warnings (expected, harmless),
+    and a Hub warning (e.g. an upload retry) once, not twice."""
+    code = f"""
+import utils
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline
+from utils.training import configure_logging
+configure_logging(Accelerator(cpu=True))
+import logging
+logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+pipe = StableDiffusionPipeline.from_pretrained({tiny_paths["sd"]!r}, safety_checker=None)
+pipe.load_lora_weights({lora_dirs["sd"]!r})
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(PIPELINE_FILE), env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("Retrying in 1s") == 1
+    assert "torchvision" not in result.stdout and "No LoRA keys" not in result.stdout

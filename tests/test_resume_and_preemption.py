@@ -89,12 +89,15 @@ def test_sigterm_after_the_loop_still_writes_the_lora_and_model_card(tiny_paths,
 
 def test_resume_applies_a_new_learning_rate_extends_a_finished_run_and_refuses_what_cannot_change(tiny_paths, tmp_path):
     output_dir = str(tmp_path / "run")
-    run_script("python", SCRIPT, fast_args(tiny_paths, output_dir, max_train_steps=2, checkpointing_steps=1000))
+    run_script("python", SCRIPT, fast_args(tiny_paths, output_dir, max_train_steps=2, checkpointing_steps=1000,
+                                           validation_prompt="a red book", num_validation_images=1, validation_steps=1))
     assert json.load(open(os.path.join(output_dir, "checkpoint-2", "training_state.json")))["global_step"] == 2  # the last step
+    # One validation per validation step: the last step's is the final one, not a second one before it.
+    assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step_000001_0.png", "step_000002_0.png"]
 
     # Extending the finished run with a lower learning rate: it resumes at step 2 and trains at the new rate.
     result = run_script("python", SCRIPT, fast_args(
-        tiny_paths, output_dir, max_train_steps=3, learning_rate=1e-6, resume_from_checkpoint="latest"))
+        tiny_paths, output_dir, max_train_steps=3, learning_rate=1e-6, resume_from_checkpoint="latest", validation_steps=1))
     assert "Resumed from" in result.stdout and "at step 2" in result.stdout
     assert "learning rate of parameter group 0 0.001 -> 1e-06" in result.stdout
     optimizer = json.load(open(os.path.join(output_dir, "checkpoint-3", "optimizer.json")))

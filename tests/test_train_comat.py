@@ -212,3 +212,33 @@ def test_push_to_hub_uploads_the_lora_and_never_the_token(tiny_paths, tmp_path):
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 assert token.encode() not in f.read(), f"token written to {name}"
+
+
+@pytest.mark.parametrize("case", ["no login", "no write access"])
+def test_push_to_hub_is_checked_before_training(case, tiny_paths, tmp_path):
+    from hub_stand_in import HubStandIn
+
+    output_dir = tmp_path / "never"
+    with HubStandIn(refuse=("create",)) as hub:
+        env = dict(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"))
+        if case == "no write access":
+            env["HF_TOKEN"] = "hf_readOnlyToken0123456789abcdef"
+        result = run_script("python", SCRIPT, tiny_args(tiny_paths, str(output_dir), push_to_hub=True), extra_env=env, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stdout and "optimizer steps" not in result.stdout
+    expected = "run `hf auth login` (or set HF_TOKEN)" if case == "no login" else "cannot create or write the Hub repo never"
+    assert expected in result.stdout
+    assert not output_dir.exists()
+
+
+def test_a_failed_upload_keeps_the_lora_and_says_how_to_retry(tiny_paths, tmp_path):
+    from hub_stand_in import HubStandIn
+
+    output_dir = str(tmp_path / "trained")
+    with HubStandIn(refuse=("commit",)) as hub:
+        env = dict(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_token0123456789abcdef")
+        result = run_script("python", SCRIPT, tiny_args(
+            tiny_paths, output_dir, max_train_steps=1, no_attribute_concentration=True, no_fidelity_preservation=True,
+            push_to_hub=True), extra_env=env, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout, result.stdout[-3000:]
+    assert f"retry with: python pipeline_comat.py push --lora_dir {output_dir} --repo_id stand-in-user/trained" in result.stdout
+    assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))

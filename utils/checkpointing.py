@@ -395,3 +395,12 @@ def remove_leftovers(output_dir):
         if LEFTOVER_PATTERN.match(name):
             logger.info(f"Removing {name}, left by an interrupted save")
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def remove_unused_output_dir(output_dir):
+    """Delete an output folder this run created if it holds no file but the lock (a run that failed before
+    training leaves nothing behind)."""
+    for root, _, names in os.walk(output_dir):
+        if any(not (root == output_dir and name == LOCK_NAME) for name in names):
+            return
+    shutil.rmtree(output_dir, ignore_errors=True)

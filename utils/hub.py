@@ -150,6 +150,30 @@ def read_model_card_inputs(folder):
     return {}
 
 
+def prepare_hub_repo(repo_id, private=False):
+    """Before training (``--push_to_hub``): check that there is a login and that ``repo_id`` can be created or
+    written, so that a run does not learn it hours later. Returns the full repo id; raises ValueError saying what
+    to do."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or train without "
+                         "--push_to_hub and upload later with `python pipeline_comat.py push`.")
+    if get_token() is None:
+        raise ValueError("--push_to_hub needs a Hub login: run `hf auth login` (or set HF_TOKEN), then start again.")
+    try:
+        return HfApi().create_repo(repo_id, exist_ok=True, private=private).repo_id
+    except Exception as error:  # noqa: BLE001 - HTTP, connection and auth failures all get the same actionable message
+        raise ValueError(
+            f"--push_to_hub: cannot create or write the Hub repo {repo_id} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Check the connection to {constants.ENDPOINT}, that your login can write there (`hf auth whoami`), and --hub_model_id."
+        ) from None
+
+
+def push_command(folder, repo_id):
+    return f"python pipeline_comat.py push --lora_dir {folder} --repo_id {repo_id}"
+
+
 def push_folder_to_hub(folder, repo_id, private=False, commit_message="Upload CoMat LoRA"):
     """Create (if needed) the model repo and upload ``folder`` without resume-only files; returns the repo id."""
     if not os.path.isfile(os.path.join(folder, LORA_WEIGHTS_NAME)):

@@ -14,6 +14,7 @@ parameters are few (LoRA), so their gradients are all-reduced by hand in one fla
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -29,6 +30,29 @@ from .hub import LORA_WEIGHTS_NAME, TOKEN_ON_COMMAND_LINE
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+REPORT_TO_CHOICES = ("tensorboard", "wandb", "all", "none")
+LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# Flags that must be positive (> 0) or at least 1; checked before anything loads.
+POSITIVE_FLAGS = ("learning_rate", "discriminator_learning_rate", "max_grad_norm", "discriminator_max_grad_norm")
+AT_LEAST_ONE_FLAGS = (
+    "rank", "discriminator_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+    "checkpointing_steps", "validation_steps", "num_validation_images", "num_inference_steps", "max_nonfinite_steps",
+    "resolution", "lora_alpha",
+)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written, and each flag's default after its help (switches: on/off)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "Default:" in help_text or not action.option_strings:
+            return help_text
+        if isinstance(action, argparse._StoreFalseAction):
+            return help_text
+        if isinstance(action, argparse._StoreTrueAction):
+            return help_text if "Default:" in help_text else f"{help_text} Default: {'on' if action.default else 'off'}."
+        return f"{help_text} Default: {action.default}."
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> argparse.ArgumentParser:
@@ -49,7 +73,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     output = parser.add_argument_group("output and logging")
     output.add_argument("--output_dir", type=str, default=recipe["output_dir"], help="Where the LoRA, model card, checkpoints and logs are written.")
     output.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, relative to --output_dir.")
-    output.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: 'tensorboard', 'wandb', 'all' or 'none'.")
+    output.add_argument("--report_to", type=str, default="tensorboard", choices=REPORT_TO_CHOICES, help="Tracker of the losses and validation images.")
     output.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps, and at the last step.")
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest is removed once a new one is complete).")
     output.add_argument("--resume_from_checkpoint", type=str, default=None, help="Resume from 'latest' (the newest checkpoint in --output_dir that verifies) or a checkpoint folder. The learning rates of this run apply; settings that shape the saved state (--rank, --train_batch_size, processes …) must match.")
@@ -66,13 +90,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     optim.add_argument("--seed", type=int, default=0, help="Seed of the LoRA initialisation, prompt order and sampling noise (a resumed run continues the same stream).")
     optim.add_argument("--resolution", type=int, default=None, help=f"Generated image size in pixels (a multiple of 8). Default: the base model's native size (UNet sample_size × 8: {recipe['resolution']} for the recipe's model; 768 for SD 2.x 768-v).")
     optim.add_argument("--train_batch_size", type=int, default=recipe["train_batch_size"], help="Prompts per process per micro-step.")
-    optim.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps to train (recipe: 2000). Overrides --num_train_epochs.")
-    optim.add_argument("--num_train_epochs", type=int, default=None, help="Passes over the prompts; used only when --max_train_steps is not given.")
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs. Default: the recipe's 2000 when neither is given.")
+    optim.add_argument("--num_train_epochs", type=int, default=None, help="Passes over the prompts (used when --max_train_steps is not given).")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps accumulated per optimizer step.")
     optim.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations of gradient steps in backward (saves most of the memory; the recipe uses it).")
     optim.add_argument("--learning_rate", type=float, default=recipe["learning_rate"], help="Generator LoRA learning rate.")
     optim.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes × batch size × accumulation steps.")
-    optim.add_argument("--lr_scheduler", type=str, default="constant", help="diffusers LR schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.")
+    optim.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULER_CHOICES, help="diffusers LR schedule of the generator (the discriminator's stays constant).")
     optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the LR schedule.")
     optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 of the generator.")
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 of the generator.")
@@ -135,16 +159,22 @@ def _add_switch(group, name, default, help_text):
 
 def validate_args(args, parser):
     """Reject bad flag combinations with messages that say what to change."""
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be positive, got {value}.")
+    for name in AT_LEAST_ONE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}.")
+    if args.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        parser.error(f"--report_to {args.report_to} needs wandb, which is not installed: `pip install wandb`, or use --report_to tensorboard.")
     if args.resolution is not None and args.resolution % 8 != 0:
         parser.error(f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples by 8): use e.g. {args.resolution // 8 * 8 or 8}.")
     if not 1 <= args.num_grad_steps <= args.num_inference_steps:
         parser.error(f"--num_grad_steps {args.num_grad_steps} must be between 1 and --num_inference_steps ({args.num_inference_steps}).")
-    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
     if args.hub_token is not None:
         parser.error(f"--hub_token {TOKEN_ON_COMMAND_LINE}")
-    if args.max_train_steps is None and args.num_train_epochs is None:
-        parser.error("Give --max_train_steps or --num_train_epochs.")
     if args.attribute_concentration and not 1 <= args.attention_loss_steps <= args.num_grad_steps:
         parser.error(f"--attention_loss_steps {args.attention_loss_steps} must be between 1 and --num_grad_steps ({args.num_grad_steps}), or pass --no_attribute_concentration.")
     if args.segmenter is not None and ":" not in args.segmenter:
@@ -290,11 +320,6 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_prompts, batch_size, num_processes, process_index, seed, start_micro_step=0):
-        if num_prompts < batch_size * num_processes:
-            raise ValueError(
-                f"--train_data has {num_prompts} prompts, fewer than one batch for every process "
-                f"({batch_size} × {num_processes}); add prompts or lower --train_batch_size."
-            )
         self.num_prompts, self.batch_size = num_prompts, batch_size
         self.num_processes, self.process_index = num_processes, process_index
         self.seed, self.start_micro_step = seed, start_micro_step
@@ -316,11 +341,25 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             micro_step += 1
 
 
+RECIPE_TRAIN_STEPS = 2000
+
+
 def total_train_steps(args, num_prompts, num_processes):
+    """Optimizer steps of the run: --max_train_steps if given, else --num_train_epochs passes over the prompts,
+    else the recipe's 2000 (as in the diffusers examples, --max_train_steps overrides --num_train_epochs)."""
+    if num_prompts < args.train_batch_size * num_processes:
+        raise ValueError(
+            f"--train_data has {num_prompts} prompts, fewer than one batch for every process "
+            f"({args.train_batch_size} × {num_processes}); add prompts or lower --train_batch_size."
+        )
     if args.max_train_steps is not None:
+        if args.num_train_epochs is not None:
+            logger.warning(f"--max_train_steps {args.max_train_steps} overrides --num_train_epochs {args.num_train_epochs}.")
         return args.max_train_steps
+    if args.num_train_epochs is None:
+        return RECIPE_TRAIN_STEPS
     micro_steps_per_epoch = num_prompts // (args.train_batch_size * num_processes)
-    return math.ceil(args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps)
+    return max(1, math.ceil(args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
 
 
 class StepAbandoned(BaseException):
@@ -531,7 +570,12 @@ def configure_logging(accelerator):
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=level)
     import diffusers
+    import huggingface_hub.utils.logging
     import transformers
+
+    # huggingface_hub prints through its own handler and, unlike diffusers and transformers, also propagates to
+    # the root logger configured above: each of its warnings (e.g. upload retries) would print twice.
+    huggingface_hub.utils.logging.disable_propagation()
 
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()

@@ -36,7 +36,15 @@ import torch
 
 from .attention_capture import install_attention_capture
 from .attribute_concentration import attribute_concentration_losses
-from .checkpointing import claim_output_dir, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpointing import (
+    claim_output_dir,
+    find_resume_checkpoint,
+    load_checkpoint,
+    remove_unused_output_dir,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .concept_matching import CaptionScorer
 from .differentiable_sampling import (
     decode_latents,
@@ -56,7 +64,7 @@ from .fidelity_preservation import (
     reference_noise_seed,
 )
 from .grounded_segmentation import load_segmenter
-from .hub import push_folder_to_hub, public_training_settings, save_model_card
+from .hub import prepare_hub_repo, public_training_settings, push_command, push_folder_to_hub, save_model_card
 from .model_loading import ModelLoadError
 from .prompts import load_prompts
 from .training import (
@@ -503,12 +511,16 @@ def train(args, family):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- Output folder, prompts, resume point, models (bad input ends here with a message) ---------
+    output_dir_is_new = not os.path.exists(args.output_dir)
     try:
         # Held until the process ends: a second run into this folder is refused.
         output_dir_lock = claim_output_dir(
             args.output_dir, resuming=args.resume_from_checkpoint is not None or args.prepare_reference_latents_only,
             overwrite=args.overwrite_output_dir,
         ) if accelerator.is_main_process else None
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        if args.push_to_hub and accelerator.is_main_process and not args.prepare_reference_latents_only:
+            repo_id = prepare_hub_repo(repo_id, private=args.hub_private)
         prompts = load_prompts(args.train_data, args.text_column, args.cache_dir)
         max_train_steps = total_train_steps(args, len(prompts), accelerator.num_processes)
         settings = resume_settings(args, prompts, accelerator.num_processes)
@@ -532,6 +544,8 @@ def train(args, family):
             logger.info(f"Resumed from {resume_dir} at step {global_step}")
     except (ModelLoadError, ValueError, OSError) as error:
         logger.error(str(error))
+        if accelerator.is_main_process and output_dir_is_new:
+            remove_unused_output_dir(args.output_dir)
         raise SystemExit(2) from None
 
     batch_sampler = ResumableBatchSampler(
@@ -620,6 +634,7 @@ def train(args, family):
 
         # ---- Final LoRA, validation, model card, Hub --------------------------------------------------
         check_replicas_in_sync(comat.lora_parameters, accelerator)
+        upload_failed = False
         if accelerator.is_main_process:
             comat.save_lora(args.output_dir)
             image_paths = []
@@ -629,27 +644,31 @@ def train(args, family):
                         image_paths = log_validation(args, accelerator, family, comat.weight_dtype, global_step)
                 except StepAbandoned:
                     logger.warning("Final validation abandoned: the model card has no sample images.")
-            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
             save_model_card(
                 args.output_dir, args.pretrained_model_name_or_path, family.pipeline_class.__name__, public_training_settings(args),
                 args.validation_prompt, image_paths, repo_id=repo_id if args.push_to_hub else None,
             )
+            logger.info(f"Saved the CoMat LoRA to {args.output_dir}")
             if args.push_to_hub:
                 try:
                     with stop.abandonable():
                         push_folder_to_hub(args.output_dir, repo_id, private=args.hub_private)
                 except StepAbandoned:
-                    logger.warning(
-                        f"Upload interrupted. The LoRA is saved in {args.output_dir}; upload it with: python "
-                        f"pipeline_comat.py push --lora_dir {args.output_dir} --repo_id {repo_id}"
+                    logger.warning(f"Upload interrupted. The LoRA is saved in {args.output_dir}; upload it with: {push_command(args.output_dir, repo_id)}")
+                except Exception as error:  # noqa: BLE001 - whatever failed, the LoRA is safe and the retry is the same
+                    upload_failed = True
+                    logger.error(
+                        f"Upload to {repo_id} failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                        f"The LoRA is saved in {args.output_dir}; retry with: {push_command(args.output_dir, repo_id)}"
                     )
-            logger.info(f"Saved the CoMat LoRA to {args.output_dir}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
     if output_dir_lock is not None:
         output_dir_lock.close()
     if stop.requested:
         sys.exit(stop.exit_code)
+    if upload_failed:
+        sys.exit(1)
 
 
 def prepare_reference_latents(comat, prompts):
