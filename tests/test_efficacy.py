@@ -81,3 +81,19 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     for picture in ("samples.png", "token_activations.png"):
         assert os.path.getsize(output_dir / picture) > 1000
     assert "full prompt accuracy" in (output_dir / "results.md").read_text()
+
+    from benchmarks.efficacy import reward_probe
+
+    probed = reward_probe.probe(str(tmp_path / "world"), str(tmp_path / "world" / "blip"), seeds=1, steps=2, every=1)
+    assert [point["step"] for point in probed["towards"]["prompt"]] == [0, 1, 2]
+    assert set(probed["towards"]) == {"prompt", "swapped"} and 0 <= probed["base"]["prompt_accuracy"] <= 1
+
+
+def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
+    from benchmarks.efficacy.pretrain import augment
+
+    images, reconstructions = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
+    first = augment(images, reconstructions, torch.Generator().manual_seed(0))
+    assert first.shape == images.shape and first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first, augment(images, reconstructions, torch.Generator().manual_seed(0)))
+    assert not torch.equal(first, images)

@@ -1,21 +1,19 @@
 """train_comat.py and train_comat_sdxl.py end to end: launched as users launch them, on tiny models, offline.
 
-The two scripts share the training loop, so loop behaviour (preemption, non-finite losses) is tested on
-SD only; what each family does differently (loading, conditioning, LoRA format) is tested on both.
+The two scripts share the training loop, so loop behaviour (non-finite losses here; preemption and resume in
+test_resume_and_preemption.py) is tested on SD only; what each family does differently (loading, conditioning,
+LoRA format) is tested on both.
 """
 
 import json
 import os
 import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, launch_command, run_script, script_env
+from conftest import run_script
 
 SCRIPT = "train_comat.py"
 SCRIPTS = {"sd": "train_comat.py", "sdxl": "train_comat_sdxl.py"}
@@ -135,26 +133,6 @@ def test_two_processes_keep_identical_lora(family, tiny_paths, tmp_path):
     assert "2 processes" in result.stdout
     assert "LoRA identical on 2 processes" in result.stdout
     assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
-
-
-def test_sigterm_saves_a_loadable_checkpoint(tiny_paths, tmp_path):
-    output_dir = str(tmp_path / "preempted")
-    command = launch_command("python", SCRIPT) + tiny_args(tiny_paths, output_dir, max_train_steps=1000, checkpointing_steps=1000)
-    process = subprocess.Popen(command, env=script_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = []
-    for line in process.stdout:  # wait until training has started
-        log.append(line)
-        if "optimizer steps" in line:
-            break
-    time.sleep(3)
-    process.send_signal(signal.SIGTERM)
-    log.append(process.communicate(timeout=300)[0])
-    assert process.returncode == 128 + signal.SIGTERM, "".join(log)[-3000:]
-    checkpoints = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")]
-    assert len(checkpoints) == 1 and not checkpoints[0].endswith(".partial")
-    state = json.load(open(os.path.join(output_dir, checkpoints[0], "training_state.json")))
-    assert state["global_step"] >= 1
-    assert load_file(os.path.join(output_dir, checkpoints[0], "pytorch_lora_weights.safetensors"))
 
 
 def test_nonfinite_losses_skip_updates_then_abort_with_a_checkpoint(tiny_paths, tmp_path):

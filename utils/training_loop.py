@@ -597,7 +597,7 @@ def train(args, family):
             update_logs, stopping = comat.update(step_loss_is_finite, global_step, stop_requested=stop.requested)
             if stopping:
                 set_rng_state(*rng_at_step_start)
-                if saved_step != global_step:
+                if saved_step != global_step and global_step > 0:
                     checkpoint(global_step)
                 break
             logs.update(update_logs)
@@ -628,7 +628,10 @@ def train(args, family):
         progress.close()
 
         if stop.requested and global_step < max_train_steps:
-            logger.warning(f"Stopped at step {global_step} (checkpoint-{global_step}); resume with --resume_from_checkpoint latest.")
+            logger.warning(
+                f"Stopped at step {global_step} (checkpoint-{global_step}); resume with --resume_from_checkpoint latest."
+                if global_step > 0 else "Stopped before the first step completed: nothing to save."
+            )
             accelerator.end_training()
             sys.exit(stop.exit_code)
 

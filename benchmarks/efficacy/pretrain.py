@@ -6,7 +6,13 @@
   are trained together on the pretraining split (held-out colour–shape pairs only alone; see ``world.py``), with
   10% empty prompts for classifier-free guidance, briefly enough that binding stays imperfect.
 * ``WORLD/blip``: a ``BlipForConditionalGeneration`` captioner trained on every kind of scene with the caption
-  ``"a photography of " + prompt``, through the very loss CoMat scores with (``CaptionScorer``).
+  ``"a photography of " + prompt``, through the very loss CoMat scores with (``CaptionScorer``). Half of its images
+  are the world VAE's reconstructions, and all are randomly blurred, colour-jittered and noised: a captioner trained
+  on clean renders only reads the world perfectly but its gradient barely says how to bind (see
+  ``reward_probe.py``); CoMat follows that gradient.
+
+Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
+recipe retrains the captioner only.
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.pretrain --world_dir world
 """
@@ -34,6 +40,11 @@ RECIPES = {
     "full": dict(vae_steps=500, vae_batch_size=32, unet_steps=2200, captioner_steps=1500, batch_size=64, dataset_size=24000, check_images=500),
     "quick": dict(vae_steps=20, vae_batch_size=16, unet_steps=20, captioner_steps=20, batch_size=16, dataset_size=256, check_images=32),
 }
+GENERATOR_SETTINGS = ("vae_steps", "vae_batch_size", "unet_steps", "batch_size", "dataset_size", "check_images")
+CAPTIONER_SETTINGS = ("captioner_steps", "batch_size", "dataset_size", "check_images")
+# The captioner's image augmentation: half VAE reconstructions; Gaussian blur of sigma up to BLUR px on half the
+# images; brightness ± 5% and per-channel offsets ± 5%; Gaussian noise of sigma up to NOISE.
+CAPTIONER_AUGMENTATION = dict(reconstructed_share=0.5, blur=1.2, jitter=0.05, noise=0.15)
 
 
 def images_to_tensor(images):
@@ -160,7 +171,38 @@ def build_captioner():
     return model, processor
 
 
-def train_captioner(images, prompts, steps, batch_size, generator):
+def _gaussian_blur(images, sigmas):
+    """Per-image separable Gaussian blur (5 taps) of ``images`` [B, 3, H, W] with standard deviations ``sigmas`` [B]."""
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    kernels = torch.exp(-(taps[None] ** 2) / (2 * sigmas[:, None] ** 2 + 1e-6))
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)[:, None, None, :]  # [B*3, 1, 1, 5]
+    batch, _, height, width = images.shape
+    flat = images.reshape(1, batch * 3, height, width)
+    flat = torch.nn.functional.conv2d(torch.nn.functional.pad(flat, (2, 2, 0, 0), mode="replicate"), kernels, groups=batch * 3)
+    flat = torch.nn.functional.conv2d(torch.nn.functional.pad(flat, (0, 0, 2, 2), mode="replicate"), kernels.transpose(2, 3), groups=batch * 3)
+    return flat.reshape(images.shape)
+
+
+def augment(images, reconstructions, generator, settings=CAPTIONER_AUGMENTATION):
+    """The captioner's training images: see :data:`CAPTIONER_AUGMENTATION`."""
+    batch = images.shape[0]
+
+    def uniform(*shape):
+        return torch.rand(shape, generator=generator)
+
+    images = torch.where((uniform(batch) < settings["reconstructed_share"])[:, None, None, None], reconstructions, images)
+    images = torch.where((uniform(batch) < 0.5)[:, None, None, None], _gaussian_blur(images, uniform(batch) * settings["blur"]), images)
+    images = images * (1 + 2 * settings["jitter"] * (uniform(batch, 1, 1, 1) - 0.5)) + 2 * settings["jitter"] * (uniform(batch, 3, 1, 1) - 0.5)
+    images = images + torch.randn(images.shape, generator=generator) * uniform(batch, 1, 1, 1) * settings["noise"]
+    return images.clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruct(vae, images):
+    return torch.cat([(vae(images[i : i + 512] * 2 - 1).sample / 2 + 0.5).clamp(0, 1) for i in range(0, len(images), 512)])
+
+
+def train_captioner(images, reconstructions, prompts, steps, batch_size, generator):
     model, processor = build_captioner()
     size = processor.image_processor.size
     scorer = CaptionScorer(model, processor.tokenizer, (size["height"], size["width"]), processor.image_processor.image_mean,
@@ -170,7 +212,7 @@ def train_captioner(images, prompts, steps, batch_size, generator):
     schedule = cosine_lr(optimizer, steps)
     for step in range(steps):
         index = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
-        pixel_values = scorer.preprocess(images[index])
+        pixel_values = scorer.preprocess(augment(images[index], reconstructions[index], generator))
         input_ids, attention_mask, labels = scorer.tokenize([prompts[i] for i in index])
         logits = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
         loss = caption_nll(logits, labels, "sum")
@@ -204,47 +246,63 @@ def swap_preference(model, processor, num_images=400, seed=12345):
 
 
 def build_world(world_dir, recipe="full", seed=0):
-    """Train and save every model of the world into ``world_dir`` (reused when already complete)."""
-    from diffusers import StableDiffusionPipeline
+    """Train and save every model of the world into ``world_dir``; a part already built with the same settings is
+    reused. Returns the summary written to ``world_complete.json``."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     settings = dict(RECIPES[recipe], recipe=recipe, seed=seed)
+    wanted = {
+        "generator": {key: settings[key] for key in (*GENERATOR_SETTINGS, "recipe", "seed")},
+        "captioner": {key: settings[key] for key in (*CAPTIONER_SETTINGS, "recipe", "seed")} | {"augmentation": CAPTIONER_AUGMENTATION},
+    }
     marker = os.path.join(world_dir, COMPLETE_MARKER)
+    summary = {}
     if os.path.isfile(marker):
         with open(marker) as f:
-            saved = json.load(f)
-        if saved["settings"] == settings:
-            logger.info(f"World models found complete in {world_dir}")
-            return saved
+            summary = {part: built for part, built in json.load(f).items() if built.get("settings") == wanted.get(part)}
+    if set(summary) == set(wanted):
+        logger.info(f"World models found complete in {world_dir}")
+        return summary
     os.makedirs(world_dir, exist_ok=True)
-    start = time.perf_counter()
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    images, prompts = dataset(world.pretraining_sample, settings["dataset_size"], seed)
-    vae, latents = train_vae(images, settings["vae_steps"], settings["vae_batch_size"], generator)
     checked = settings["check_images"]
-    vae_accuracy = reconstruction_accuracy(vae, images[:checked], prompts[:checked])
-    logger.info(f"VAE: the judge reads {100 * vae_accuracy:.1f}% of reconstructed images right")
-    vae_seconds = time.perf_counter() - start
-    tokenizer, text_encoder, unet, scheduler = train_generator(latents, prompts, settings["unet_steps"], settings["batch_size"], generator)
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(os.path.join(world_dir, "sd"))
-    generator_seconds = time.perf_counter() - start - vae_seconds
-    caption_images, caption_prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
-    captioner, processor = train_captioner(caption_images, caption_prompts, settings["captioner_steps"], settings["batch_size"], generator)
-    captioner.save_pretrained(os.path.join(world_dir, "blip"))
-    processor.save_pretrained(os.path.join(world_dir, "blip"))
-    summary = dict(
-        settings=settings,
-        vae_reconstruction_judge_accuracy=vae_accuracy,
-        seconds=dict(vae=vae_seconds, generator=generator_seconds, captioner=time.perf_counter() - start - vae_seconds - generator_seconds),
-        captioner_prefers_true_caption=swap_preference(captioner, processor, num_images=checked),
-    )
+
+    if "generator" not in summary:
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        images, prompts = dataset(world.pretraining_sample, settings["dataset_size"], seed)
+        vae, latents = train_vae(images, settings["vae_steps"], settings["vae_batch_size"], generator)
+        vae_accuracy = reconstruction_accuracy(vae, images[:checked], prompts[:checked])
+        logger.info(f"VAE: the judge reads {100 * vae_accuracy:.1f}% of reconstructed images right")
+        vae_seconds = time.perf_counter() - start
+        tokenizer, text_encoder, unet, scheduler = train_generator(latents, prompts, settings["unet_steps"], settings["batch_size"], generator)
+        StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ).save_pretrained(os.path.join(world_dir, "sd"))
+        summary["generator"] = dict(settings=wanted["generator"], vae_reconstruction_judge_accuracy=vae_accuracy,
+                                    seconds=dict(vae=vae_seconds, generator=time.perf_counter() - start - vae_seconds))
+        _write_summary(marker, summary)
+
+    if "captioner" not in summary:
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed + 1)
+        vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
+        caption_images, caption_prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
+        captioner, processor = train_captioner(caption_images, reconstruct(vae, caption_images), caption_prompts,
+                                               settings["captioner_steps"], settings["batch_size"], generator)
+        captioner.save_pretrained(os.path.join(world_dir, "blip"))
+        processor.save_pretrained(os.path.join(world_dir, "blip"))
+        summary["captioner"] = dict(settings=wanted["captioner"], seconds=time.perf_counter() - start,
+                                    prefers_true_caption=swap_preference(captioner, processor, num_images=checked))
+        _write_summary(marker, summary)
+    logger.info(f"World built: {summary}")
+    return summary
+
+
+def _write_summary(marker, summary):
     with open(marker, "w") as f:
         json.dump(summary, f, indent=2)
-    logger.info(f"World built in {time.perf_counter() - start:.0f} s: {summary}")
-    return summary
 
 
 def main(argv=None):
