@@ -22,6 +22,7 @@ accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no 
   --output_dir comat-demo
 
 python - <<'PY'
+import utils  # noqa: F401  (hides two expected, harmless library warnings; see the README's Troubleshooting)
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
