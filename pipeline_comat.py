@@ -32,6 +32,12 @@ Command line::
     python pipeline_comat.py generate --base_model BASE --lora comat-sd15 --prompt "a red book and a yellow vase"
     python pipeline_comat.py activations --base_model BASE --lora comat-sd15 --prompt "a red book and a yellow vase"
     python pipeline_comat.py push --lora_dir comat-sd15 --repo_id your-name/comat-sd15
+    python pipeline_comat.py evaluate --base_model BASE --lora comat-sd15 --prompts builtin:color --output_dir eval
+
+``evaluate`` answers "did my LoRA improve alignment, where, and by how much": the base model and each LoRA render
+the same prompts with the same seeds, real-model scorers (``utils.scorers``: BLIP-VQA, GroundingDINO, CLIPScore)
+score every image, and each category's table gives means with bootstrap 95% confidence intervals and the paired
+difference to the base model (``utils.evaluation``).
 """
 
 import argparse
@@ -416,9 +422,12 @@ def save_token_activation_plot(results: dict[str, TokenActivations], path: str) 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _add_model_arguments(parser):
+def _add_model_arguments(parser, several_loras=False):
     parser.add_argument("--base_model", type=str, required=True, help="Base pipeline: a Hub id or a local diffusers folder (SD 1.x/2.x or SDXL).")
-    parser.add_argument("--lora", type=str, default=None, help="CoMat LoRA: a folder written by train_comat.py / train_comat_sdxl.py or a Hub repo id. Default: none (the base model).")
+    if several_loras:
+        parser.add_argument("--lora", type=str, action="append", default=[], help="LoRA to compare with the base model: a folder written by train_comat.py / train_comat_sdxl.py or a Hub repo id; repeat the flag for several. Default: none (the base model alone).")
+    else:
+        parser.add_argument("--lora", type=str, default=None, help="CoMat LoRA: a folder written by train_comat.py / train_comat_sdxl.py or a Hub repo id. Default: none (the base model).")
     parser.add_argument("--revision", type=str, default=None, help="Git revision of the base model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant of the base model files, e.g. 'fp16'.")
     parser.add_argument("--device", type=str, default=None, help="Device to run on. Default: cuda if available, else cpu.")
@@ -426,7 +435,7 @@ def _add_model_arguments(parser):
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale. Default: the pipeline's (SD 7.5, SDXL 5.0).")
     parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (image i of a prompt uses seed + i).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (image i of a prompt uses seed + i). Default: 0.")
 
 
 def parse_args(argv=None):
@@ -434,7 +443,7 @@ def parse_args(argv=None):
         prog="pipeline_comat.py",
         description="CoMat inference: generate images, measure token activations, publish a LoRA.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,activations,push}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,activations,evaluate,push}")
 
     generate = commands.add_parser("generate", help="Render prompts with a base model and (optionally) a CoMat LoRA.")
     _add_model_arguments(generate)
@@ -451,6 +460,22 @@ def parse_args(argv=None):
     activations.add_argument("--attention_layers", type=str, default=ALL_CROSS_ATTENTION_LAYERS, help="Cross-attention layers averaged: comma-separated place[:side at 512 px], place in down/mid/up (as in training). Default: all.")
     activations.add_argument("--output", type=str, default="token_activations.png", help="The PNG plot; the numbers go to the same path with .json.")
 
+    evaluate = commands.add_parser("evaluate", help="Alignment of the base model and each LoRA on the same prompts and seeds: tables with 95% confidence intervals (JSON, markdown) and image grids.")
+    _add_model_arguments(evaluate, several_loras=True)
+    evaluate.add_argument("--prompts", type=str, action="append", required=True, help="Prompt set: builtin:CATEGORY (color, shape, texture, spatial, non_spatial, complex; comma-separated, or 'all') or a text file with one prompt a line (a T2I-CompBench file such as color_val.txt is scored as its category). Repeat the flag for several.")
+    evaluate.add_argument("--images_per_prompt", type=int, default=4, help="Images per prompt and model (seeds --seed … --seed + N - 1). Default: 4.")
+    evaluate.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts of each set. Default: all (300 per built-in category).")
+    evaluate.add_argument("--resolution", type=int, default=None, help="Side of the square images in pixels. Default: the model's native size.")
+    evaluate.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call. Default: 8.")
+    evaluate.add_argument("--output_dir", type=str, default="comat-eval", help="Where results.json, results.md, scores.jsonl and the grids are written. Default: comat-eval.")
+    evaluate.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in each category's grid (first seed of each). Default: 8.")
+    evaluate.add_argument("--blip_vqa_model", type=str, default="Salesforce/blip-vqa-base", help="BlipForQuestionAnswering for the colour/shape/texture score. Default: Salesforce/blip-vqa-base.")
+    evaluate.add_argument("--grounding_model", type=str, default="IDEA-Research/grounding-dino-tiny", help="GroundingDINO for the spatial, presence and counting scores. Default: IDEA-Research/grounding-dino-tiny.")
+    evaluate.add_argument("--clip_model", type=str, default="openai/clip-vit-large-patch14", help="CLIPModel for CLIPScore. Default: openai/clip-vit-large-patch14.")
+    evaluate.add_argument("--box_threshold", type=float, default=0.35, help="GroundingDINO box score threshold of the detection scores. Default: 0.35.")
+    evaluate.add_argument("--text_threshold", type=float, default=0.25, help="GroundingDINO token score threshold. Default: 0.25.")
+    evaluate.add_argument("--spacy_model", type=str, default="en_core_web_sm", help="spaCy pipeline that finds the prompts' objects. Default: en_core_web_sm.")
+
     push = commands.add_parser("push", help="Upload a CoMat LoRA folder with its model card to the Hugging Face Hub.")
     push.add_argument("--lora_dir", type=str, required=True, help="The LoRA folder (pytorch_lora_weights.safetensors; the card is (re)written there).")
     push.add_argument("--repo_id", type=str, required=True, help="Target model repo, e.g. 'your-name/comat-sd15' (created if needed).")
@@ -463,6 +488,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.command == "push" and args.token is not None:
         parser.error(f"--token {TOKEN_ON_COMMAND_LINE}")
+    if args.command == "evaluate":
+        for flag in ("images_per_prompt", "max_prompts", "batch_size", "grid_prompts"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+        if args.resolution is not None and args.resolution % 8:
+            parser.error(f"--resolution {args.resolution} is not a multiple of 8.")
     return args
 
 
@@ -481,19 +512,28 @@ def _check_model_flag(name, flag):
 
 
 def _load_pipeline(args):
+    """The pipeline of ``--base_model`` on its device, with ``--lora`` loaded (``evaluate``: every ``--lora`` is
+    checked by loading it once, then unloaded)."""
+    loras = args.lora if isinstance(args.lora, list) else [args.lora] if args.lora else []
     _check_model_flag(args.base_model, "--base_model")
-    if args.lora:
-        _check_model_flag(args.lora, "--lora")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    for lora in loras:
+        _check_model_flag(lora, "--lora")
+    device, dtype = _device_and_dtype(args)
     try:
         pipeline = CoMatPipeline.from_pretrained(args.base_model, revision=args.revision, variant=args.variant, dtype=dtype)
     except (OSError, ValueError, huggingface_hub.errors.HfHubHTTPError) as error:
         _fail(describe_load_failure(args.base_model, "--base_model", error))
-    if args.lora:
-        _load_lora_safetensors(pipeline, args.lora)
+    for lora in loras:
+        _load_lora_safetensors(pipeline, lora)
+        if isinstance(args.lora, list):
+            pipeline.unload_lora_weights()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def _device_and_dtype(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
 
 
 def _load_lora_safetensors(pipeline, lora):
@@ -585,6 +625,86 @@ def run_activations(args):
     print(json_path)
 
 
+def _model_names(loras):
+    """Column names of the LoRAs: each folder's or repo's last part, numbered where two would be the same."""
+    names = {}
+    for lora in loras:
+        name = os.path.basename(os.path.normpath(lora)) or lora
+        unique, number = name, 2
+        while unique in names or unique == "base":
+            unique, number = f"{name}-{number}", number + 1
+        names[unique] = lora
+    return names
+
+
+def run_evaluate(args):
+    """Render every prompt set with the base model and each LoRA (same seeds), score, summarize, write the reports.
+
+    Everything that can be refused is checked before the first image: the prompt sets, the base model, each LoRA
+    (loaded once into the pipeline) and every scorer model the prompt sets need."""
+    evaluation = importlib.import_module("utils.evaluation")
+    eval_prompts = importlib.import_module("utils.eval_prompts")
+    scorers_module = importlib.import_module("utils.scorers")
+
+    try:
+        prompt_sets = {}
+        for spec in args.prompts:
+            prompt_sets.update(eval_prompts.load_eval_prompts(spec, "--prompts", args.max_prompts))
+    except ValueError as error:
+        _fail(str(error))
+    needed = dict.fromkeys(name for category in prompt_sets for name in scorers_module.scorers_for(eval_prompts.category_of(category)))
+    models = {"base": None, **_model_names(args.lora)}
+    pipeline = _load_pipeline(args)
+    device, dtype = _device_and_dtype(args)
+    try:
+        scorers = scorers_module.load_scorers(
+            needed, blip_vqa_model=args.blip_vqa_model, grounding_model=args.grounding_model, clip_model=args.clip_model,
+            spacy_model=args.spacy_model, device=device, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+        )
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    seeds = [args.seed + index for index in range(args.images_per_prompt)]
+    size = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
+    call = dict(num_inference_steps=args.num_inference_steps, **size, **_call_arguments(args))
+    results = {
+        "base_model": args.base_model, "loras": {name: lora for name, lora in models.items() if lora},
+        "settings": {"images_per_prompt": args.images_per_prompt, "seeds": seeds, **call, "dtype": str(dtype).split(".")[-1],
+                     "blip_vqa_model": args.blip_vqa_model, "grounding_model": args.grounding_model, "clip_model": args.clip_model},
+        "categories": {},
+    }
+    markdown = [f"# Alignment of {args.base_model}: base vs {', '.join(models) if len(models) > 1 else 'base only'}\n"]
+    with open(os.path.join(args.output_dir, "scores.jsonl"), "w", encoding="utf-8") as scores_file:
+        for category, prompts in prompt_sets.items():
+            generations = evaluation.generate(pipeline, models, prompts, seeds, batch_size=args.batch_size, **call)
+            lead = scorers_module.score_category(generations, eval_prompts.category_of(category), scorers)
+            summary = evaluation.summarize(generations, baseline="base")
+            metrics = sorted(summary["base"], key=lambda metric: metric != lead)
+            grid = os.path.join(args.output_dir, f"grid_{_slug(category)}.png")
+            shown = list(range(0, len(prompts) * len(seeds), len(seeds)))[: args.grid_prompts]
+            side = generations["base"].images[0].shape[0]
+            evaluation.side_by_side(
+                generations, shown, grid, scale=min(4.0, 192 / side),
+                caption=lambda name, index: f"{metrics[0]} {generations[name].scores[index].get(metrics[0], float('nan')):.3f}",
+            )
+            results["categories"][category] = {"lead_metric": lead, "num_prompts": len(prompts), "grid": os.path.basename(grid), "summary": summary}
+            table = evaluation.markdown_table(summary, "base", metrics)
+            markdown += [f"## {category} ({len(prompts)} prompts × {len(seeds)} seeds)\n", table, f"![{category}]({os.path.basename(grid)})\n"]
+            print(f"\n{category}: {len(prompts)} prompts × {len(seeds)} seeds" + (f", lead metric {lead}" if lead else ""))
+            print(table.replace("<br>", "  "))
+            for name, generation in generations.items():
+                for prompt, seed, image_scores in zip(generation.prompts, generation.seeds, generation.scores):
+                    # a metric that does not apply (NaN) is null: JSON has no NaN
+                    finite = {metric: value if math.isfinite(value) else None for metric, value in image_scores.items()}
+                    scores_file.write(json.dumps({"category": category, "model": name, "prompt": prompt, "seed": seed, **finite}) + "\n")
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(markdown))
+    print(os.path.join(args.output_dir, "results.md"))
+
+
 def run_push(args):
     repo_id = push_lora_to_hub(
         args.lora_dir,
@@ -600,7 +720,7 @@ def run_push(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    {"generate": run_generate, "activations": run_activations, "push": run_push}[args.command](args)
+    {"generate": run_generate, "activations": run_activations, "evaluate": run_evaluate, "push": run_push}[args.command](args)
 
 
 if __name__ == "__main__":

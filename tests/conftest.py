@@ -41,8 +41,21 @@ def tiny_sam_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_paths(tiny_sd_path, tiny_sdxl_path, tiny_blip_path, tiny_grounding_dino_path, tiny_sam_path):
-    return {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path, "blip": tiny_blip_path, "grounding_dino": tiny_grounding_dino_path, "sam": tiny_sam_path}
+def tiny_blip_vqa_path(tmp_path_factory):
+    return tiny_models.save_tiny_blip_vqa(str(tmp_path_factory.mktemp("tiny") / "blip_vqa"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    return tiny_models.save_tiny_clip(str(tmp_path_factory.mktemp("tiny") / "clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_sd_path, tiny_sdxl_path, tiny_blip_path, tiny_grounding_dino_path, tiny_sam_path, tiny_blip_vqa_path, tiny_clip_path):
+    return {
+        "sd": tiny_sd_path, "sdxl": tiny_sdxl_path, "blip": tiny_blip_path, "grounding_dino": tiny_grounding_dino_path,
+        "sam": tiny_sam_path, "blip_vqa": tiny_blip_vqa_path, "clip": tiny_clip_path,
+    }
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -195,6 +195,45 @@ def union_masks_by_index(masks: torch.Tensor, index: torch.Tensor, count: int) -
     return (union > 0).float()
 
 
+@torch.no_grad()
+def detect_phrase_boxes(
+    model: GroundingDinoForObjectDetection,
+    tokenizer,
+    image_processor,
+    pixels: torch.Tensor,
+    captions: list[GroundingCaption],
+    box_threshold: float,
+    text_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GroundingDINO forward on ``pixels`` ``[B, 3, H, W]`` in [0, 1], each image with its caption.
+
+    Returns:
+        The phrase of each query ``[B, Q]`` (-1: dropped, see the module docstring), its box ``[B, Q, 4]``
+        (normalised cxcywh) and its score ``[B, Q]`` (its highest token score).
+    """
+    text = tokenizer(
+        [caption.text for caption in captions],
+        padding=True,
+        truncation=True,
+        max_length=model.config.max_text_len,
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
+    token_phrase = torch.stack(
+        [token_phrase_indices(offsets, caption.phrase_spans) for offsets, caption in zip(text.offset_mapping, captions)]
+    ).to(model.device)
+    outputs = model(
+        pixel_values=grounding_dino_pixel_values(pixels.to(model.device, torch.float32), image_processor).to(model.dtype),
+        input_ids=text.input_ids.to(model.device),
+        token_type_ids=text.token_type_ids.to(model.device),
+        attention_mask=text.attention_mask.to(model.device),
+    )
+    # the logits are padded to max_text_len with -inf; only the caption's tokens score
+    token_scores = outputs.logits[..., : token_phrase.shape[-1]].float().sigmoid()
+    box_phrases = assign_boxes_to_phrases(token_scores, token_phrase, box_threshold, text_threshold)
+    return box_phrases, outputs.pred_boxes.float(), token_scores.max(dim=-1).values
+
+
 def _cannot_load(model_class, name_or_path, flag) -> OSError:
     return OSError(
         f"Could not load {model_class.__name__} from '{name_or_path}' given by {flag}. Pass a local folder that holds "
@@ -203,7 +242,9 @@ def _cannot_load(model_class, name_or_path, flag) -> OSError:
     )
 
 
-def _load_frozen(model_class, name_or_path, flag, device, dtype, cache_dir):
+def load_frozen(model_class, name_or_path, flag, device, dtype=torch.float32, cache_dir=None):
+    """A transformers model (frozen, eval mode, on ``device``) and its processor (pil backend); a checkpoint of
+    another architecture or one that cannot be loaded raises an error naming ``flag``."""
     try:
         config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
@@ -301,7 +342,7 @@ class GroundedSegmenter:
             dtype: weight dtype of both models.
             cache_dir: Hub cache folder.
         """
-        grounding_model, grounding_processor = _load_frozen(
+        grounding_model, grounding_processor = load_frozen(
             GroundingDinoForObjectDetection,
             grounding_model_name_or_path,
             "--grounding_model_name_or_path",
@@ -309,7 +350,7 @@ class GroundedSegmenter:
             dtype,
             cache_dir,
         )
-        sam_model, sam_processor = _load_frozen(
+        sam_model, sam_processor = load_frozen(
             SamModel, sam_model_name_or_path, "--sam_model_name_or_path", device, dtype, cache_dir
         )
         return cls(grounding_model, grounding_processor, sam_model, sam_processor, box_threshold, text_threshold)
@@ -368,34 +409,11 @@ class GroundedSegmenter:
         return masks
 
     def _detect(self, pixels: torch.Tensor, captions: list[GroundingCaption]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One GroundingDINO forward: the phrase of each query ``[B, Q]`` (-1: dropped) and its box ``[B, Q, 4]``
-        (normalised cxcywh)."""
-        text = self.tokenizer(
-            [caption.text for caption in captions],
-            padding=True,
-            truncation=True,
-            max_length=self.grounding_model.config.max_text_len,
-            return_offsets_mapping=True,
-            return_tensors="pt",
+        box_phrases, boxes, _ = detect_phrase_boxes(
+            self.grounding_model, self.tokenizer, self.grounding_image_processor, pixels, captions,
+            self.box_threshold, self.text_threshold,
         )
-        token_phrase = torch.stack(
-            [
-                token_phrase_indices(offsets, caption.phrase_spans)
-                for offsets, caption in zip(text.offset_mapping, captions)
-            ]
-        ).to(self.device)
-
-        grounding_pixels = grounding_dino_pixel_values(pixels, self.grounding_image_processor)
-        outputs = self.grounding_model(
-            pixel_values=grounding_pixels.to(self.grounding_model.dtype),
-            input_ids=text.input_ids.to(self.device),
-            token_type_ids=text.token_type_ids.to(self.device),
-            attention_mask=text.attention_mask.to(self.device),
-        )
-        # the logits are padded to max_text_len with -inf; only the caption's tokens score
-        token_scores = outputs.logits[..., : token_phrase.shape[-1]].float().sigmoid()
-        box_phrases = assign_boxes_to_phrases(token_scores, token_phrase, self.box_threshold, self.text_threshold)
-        return box_phrases, outputs.pred_boxes.float()
+        return box_phrases, boxes
 
     def _segment(
         self, pixels: torch.Tensor, boxes: list[torch.Tensor], mask_size: tuple[int, int]

@@ -202,35 +202,32 @@ def _heads_distinct(*nouns: str) -> bool:
     return len(set(heads)) == len(heads)
 
 
-def _sample_unique(seed: int, count: int, draw: Callable[[random.Random], Optional[str]]) -> list[str]:
-    """``count`` distinct prompts from ``draw`` (which returns None for a rejected draw), in draw order."""
+def _sample_unique(
+    seed: int, count: int, draw: Callable[[random.Random], Optional[str]], exclude: frozenset = frozenset()
+) -> list[str]:
+    """``count`` distinct prompts from ``draw`` (which returns None for a rejected draw), in draw order, none of
+    them in ``exclude``."""
     rng = random.Random(seed)
     prompts = {}
     for _ in range(100 * count):
         prompt = draw(rng)
-        if prompt is not None:
+        if prompt is not None and prompt not in exclude:
             prompts.setdefault(prompt)
             if len(prompts) == count:
                 return list(prompts)
     raise RuntimeError(f"Could only draw {len(prompts)} of {count} distinct prompts: the word lists are too small.")
 
 
-def _color_prompts() -> list[str]:
-    def draw(rng):
-        (color_a, color_b), (object_a, object_b) = rng.sample(COLORS, 2), rng.sample(COLOR_OBJECTS, 2)
-        if not _heads_distinct(object_a, object_b):
-            return None
-        return f"{_with_article(f'{color_a} {object_a}')} and {_with_article(f'{color_b} {object_b}')}"
-
-    return _sample_unique(_CATEGORY_SEEDS["color"], _COLOR_COUNT, draw)
+def _draw_color(rng):
+    (color_a, color_b), (object_a, object_b) = rng.sample(COLORS, 2), rng.sample(COLOR_OBJECTS, 2)
+    if not _heads_distinct(object_a, object_b):
+        return None
+    return f"{_with_article(f'{color_a} {object_a}')} and {_with_article(f'{color_b} {object_b}')}"
 
 
-def _shape_prompts() -> list[str]:
-    def draw(rng):
-        (shape_a, shape_b), (object_a, object_b) = rng.sample(SHAPES, 2), rng.sample(SHAPE_OBJECTS, 2)
-        return f"{_with_article(f'{shape_a} {object_a}')} and {_with_article(f'{shape_b} {object_b}')}"
-
-    return _sample_unique(_CATEGORY_SEEDS["shape"], _SHAPE_COUNT, draw)
+def _draw_shape(rng):
+    (shape_a, shape_b), (object_a, object_b) = rng.sample(SHAPES, 2), rng.sample(SHAPE_OBJECTS, 2)
+    return f"{_with_article(f'{shape_a} {object_a}')} and {_with_article(f'{shape_b} {object_b}')}"
 
 
 _MATERIALS = tuple(TEXTURE_OBJECTS)
@@ -241,31 +238,45 @@ def _texture_phrase(rng: random.Random) -> tuple[str, str]:
     return material, rng.choice(TEXTURE_OBJECTS[material])
 
 
-def _texture_prompts() -> list[str]:
+def _draw_texture(rng):
+    (material_a, object_a), (material_b, object_b) = _texture_phrase(rng), _texture_phrase(rng)
+    if material_a == material_b or not _heads_distinct(object_a, object_b):
+        return None
+    return f"{_with_article(f'{material_a} {object_a}')} and {_with_article(f'{material_b} {object_b}')}"
+
+
+def _spatial_draw(relations):
     def draw(rng):
-        (material_a, object_a), (material_b, object_b) = _texture_phrase(rng), _texture_phrase(rng)
-        if material_a == material_b or not _heads_distinct(object_a, object_b):
-            return None
-        return f"{_with_article(f'{material_a} {object_a}')} and {_with_article(f'{material_b} {object_b}')}"
-
-    return _sample_unique(_CATEGORY_SEEDS["texture"], _TEXTURE_COUNT, draw)
-
-
-def _spatial_prompts() -> list[str]:
-    def draw_relation(rng):
         object_a, object_b = rng.sample(SPATIAL_OBJECTS, 2)
         if not _heads_distinct(object_a, object_b):
             return None
-        return f"{_with_article(object_a)} {rng.choice(SPATIAL_RELATIONS)} {_with_article(object_b)}"
+        return f"{_with_article(object_a)} {rng.choice(relations)} {_with_article(object_b)}"
 
-    def draw_support(rng):
-        thing, support = rng.choice(SUPPORTED_OBJECTS), rng.choice(SUPPORTS)
-        return f"{_with_article(thing)} {rng.choice(SUPPORT_RELATIONS)} {_with_article(support)}"
+    return draw
 
+
+def _draw_support(rng):
+    thing, support = rng.choice(SUPPORTED_OBJECTS), rng.choice(SUPPORTS)
+    return f"{_with_article(thing)} {rng.choice(SUPPORT_RELATIONS)} {_with_article(support)}"
+
+
+def _color_prompts() -> list[str]:
+    return _sample_unique(_CATEGORY_SEEDS["color"], _COLOR_COUNT, _draw_color)
+
+
+def _shape_prompts() -> list[str]:
+    return _sample_unique(_CATEGORY_SEEDS["shape"], _SHAPE_COUNT, _draw_shape)
+
+
+def _texture_prompts() -> list[str]:
+    return _sample_unique(_CATEGORY_SEEDS["texture"], _TEXTURE_COUNT, _draw_texture)
+
+
+def _spatial_prompts() -> list[str]:
     seed = _CATEGORY_SEEDS["spatial"]
-    prompts = _sample_unique(seed, _SPATIAL_COUNT, draw_relation)
+    prompts = _sample_unique(seed, _SPATIAL_COUNT, _spatial_draw(SPATIAL_RELATIONS))
     # A distinct seed for the second draw, so the two sub-samples are not correlated.
-    return prompts + _sample_unique(seed + 100, _SUPPORT_COUNT, draw_support)
+    return prompts + _sample_unique(seed + 100, _SUPPORT_COUNT, _draw_support)
 
 
 def _non_spatial_prompts() -> list[str]:
@@ -306,57 +317,63 @@ _COLORABLE_HUMAN_ACTIONS = tuple(
 )
 
 
+# Mixed prompts give their objects distinct colours, so that a swapped binding is a visible mistake.
+def _draw_parked_vehicle(rng):
+    # "a blue car parked next to a white house and a green tree"
+    vehicle, building, thing = rng.choice(VEHICLES), rng.choice(BUILDINGS), rng.choice(OUTDOOR_OBJECTS)
+    if not _heads_distinct(vehicle, building, thing):
+        return None
+    relation = rng.choice(PARKING_RELATIONS)
+    color_a, color_b, color_c = rng.sample(COLORS, 3)
+    return (
+        f"{_with_article(f'{color_a} {vehicle}')} {relation} {_with_article(f'{color_b} {building}')} "
+        f"and {_with_article(f'{color_c} {thing}')}"
+    )
+
+
+def _draw_still_life(rng):
+    # "a red cup and a glass vase on top of a round table"
+    thing, color = rng.choice(SUPPORTED_OBJECTS), rng.choice(COLORS)
+    material, textured = _texture_phrase(rng)
+    shape, support = rng.choice(FLAT_SHAPES), rng.choice(SHAPED_SUPPORTS)
+    if not _heads_distinct(thing, textured, support):
+        return None
+    return (
+        f"{_with_article(f'{color} {thing}')} and {_with_article(f'{material} {textured}')} "
+        f"{rng.choice(SUPPORT_RELATIONS)} {_with_article(f'{shape} {support}')}"
+    )
+
+
+def _draw_counted_colored(rng):
+    # "three black cats on the left of a red sofa"
+    noun, other = rng.choice(_COLORABLE_COUNT_OBJECTS), rng.choice(COLOR_OBJECTS)
+    if not _heads_distinct(noun, other):
+        return None
+    number, relation = rng.choice(NUMBERS[1:]), rng.choice(SPATIAL_RELATIONS)
+    color_a, color_b = rng.sample(COLORS, 2)
+    return f"{number} {color_a} {_plural(noun)} {relation} {_with_article(f'{color_b} {other}')}"
+
+
+def _draw_dressed_person(rng):
+    # "a man in a red jacket riding a white horse"
+    subject, garment = rng.choice(HUMAN_SUBJECTS), rng.choice(GARMENTS)
+    verb, thing = rng.choice(_COLORABLE_HUMAN_ACTIONS)
+    if not _heads_distinct(subject, garment, thing):
+        return None
+    color_a, color_b = rng.sample(COLORS, 2)
+    return (
+        f"{_with_article(subject)} in {_with_article(f'{color_a} {garment}')} {verb} "
+        f"{_with_article(f'{color_b} {thing}')}"
+    )
+
+
+COMPLEX_DRAWS = (_draw_parked_vehicle, _draw_still_life, _draw_counted_colored, _draw_dressed_person)
+
+
 def _complex_prompts() -> list[str]:
-    # Each prompt gives its objects distinct colours, so that a swapped binding is a visible mistake.
-    def draw_parked_vehicle(rng):
-        # "a blue car parked next to a white house and a green tree"
-        vehicle, building, thing = rng.choice(VEHICLES), rng.choice(BUILDINGS), rng.choice(OUTDOOR_OBJECTS)
-        if not _heads_distinct(vehicle, building, thing):
-            return None
-        relation = rng.choice(PARKING_RELATIONS)
-        color_a, color_b, color_c = rng.sample(COLORS, 3)
-        return (
-            f"{_with_article(f'{color_a} {vehicle}')} {relation} {_with_article(f'{color_b} {building}')} "
-            f"and {_with_article(f'{color_c} {thing}')}"
-        )
-
-    def draw_still_life(rng):
-        # "a red cup and a glass vase on top of a round table"
-        thing, color = rng.choice(SUPPORTED_OBJECTS), rng.choice(COLORS)
-        material, textured = _texture_phrase(rng)
-        shape, support = rng.choice(FLAT_SHAPES), rng.choice(SHAPED_SUPPORTS)
-        if not _heads_distinct(thing, textured, support):
-            return None
-        return (
-            f"{_with_article(f'{color} {thing}')} and {_with_article(f'{material} {textured}')} "
-            f"{rng.choice(SUPPORT_RELATIONS)} {_with_article(f'{shape} {support}')}"
-        )
-
-    def draw_counted_colored(rng):
-        # "three black cats on the left of a red sofa"
-        noun, other = rng.choice(_COLORABLE_COUNT_OBJECTS), rng.choice(COLOR_OBJECTS)
-        if not _heads_distinct(noun, other):
-            return None
-        number, relation = rng.choice(NUMBERS[1:]), rng.choice(SPATIAL_RELATIONS)
-        color_a, color_b = rng.sample(COLORS, 2)
-        return f"{number} {color_a} {_plural(noun)} {relation} {_with_article(f'{color_b} {other}')}"
-
-    def draw_dressed_person(rng):
-        # "a man in a red jacket riding a white horse"
-        subject, garment = rng.choice(HUMAN_SUBJECTS), rng.choice(GARMENTS)
-        verb, thing = rng.choice(_COLORABLE_HUMAN_ACTIONS)
-        if not _heads_distinct(subject, garment, thing):
-            return None
-        color_a, color_b = rng.sample(COLORS, 2)
-        return (
-            f"{_with_article(subject)} in {_with_article(f'{color_a} {garment}')} {verb} "
-            f"{_with_article(f'{color_b} {thing}')}"
-        )
-
     seed = _CATEGORY_SEEDS["complex"]
-    draws = (draw_parked_vehicle, draw_still_life, draw_counted_colored, draw_dressed_person)
     prompts = []
-    for offset, draw in enumerate(draws):
+    for offset, draw in enumerate(COMPLEX_DRAWS):
         prompts += _sample_unique(seed + 100 * offset, _COMPLEX_COUNT_PER_TEMPLATE, draw)
     return prompts
 

@@ -229,16 +229,7 @@ def blip_tokenizer():
     return tokenizer
 
 
-def save_tiny_blip(path, seed=0, image_size=32):
-    """A tiny ``BlipForConditionalGeneration`` captioner with its processor, as the Salesforce repos lay it out."""
-    from transformers import (
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
-
-    tokenizer = blip_tokenizer()
+def _tiny_blip_configs(tokenizer, image_size):
     vision_config = dict(
         hidden_size=32,
         intermediate_size=37,
@@ -260,15 +251,51 @@ def save_tiny_blip(path, seed=0, image_size=32):
         sep_token_id=tokenizer.sep_token_id,
         max_position_embeddings=64,
     )
+    return vision_config, text_config
+
+
+def _save_tiny_blip_model(model_class, path, seed, image_size):
+    from transformers import BlipConfig, BlipImageProcessor, BlipProcessor
+
+    tokenizer = blip_tokenizer()
+    vision_config, text_config = _tiny_blip_configs(tokenizer, image_size)
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(vision_config=vision_config, text_config=text_config))
-    model.save_pretrained(path)
+    model_class(BlipConfig(vision_config=vision_config, text_config=text_config)).save_pretrained(path)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def save_tiny_blip(path, seed=0, image_size=32):
+    """A tiny ``BlipForConditionalGeneration`` captioner with its processor, as the Salesforce repos lay it out."""
+    from transformers import BlipForConditionalGeneration
+
+    return _save_tiny_blip_model(BlipForConditionalGeneration, path, seed, image_size)
+
+
+def save_tiny_blip_vqa(path, seed=0, image_size=32):
+    """A tiny ``BlipForQuestionAnswering`` with its processor, as ``Salesforce/blip-vqa-base`` lays it out."""
+    from transformers import BlipForQuestionAnswering
+
+    return _save_tiny_blip_model(BlipForQuestionAnswering, path, seed, image_size)
+
+
+def save_tiny_clip(path, seed=0, image_size=32):
+    """A tiny ``CLIPModel`` (real CLIP BPE tokenizer) with its processor, as ``openai/clip-vit-*`` lay it out."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    vision_config = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=8,
+    )
+    config = CLIPConfig(text_config=_clip_text_config().to_dict(), vision_config=vision_config, projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(path)
     return path
 
 
@@ -371,6 +398,8 @@ def build_all(output_dir, seed=0):
         "blip": save_tiny_blip(os.path.join(output_dir, "blip"), seed),
         "grounding_dino": save_tiny_grounding_dino(os.path.join(output_dir, "grounding_dino"), seed),
         "sam": save_tiny_sam(os.path.join(output_dir, "sam"), seed),
+        "blip_vqa": save_tiny_blip_vqa(os.path.join(output_dir, "blip_vqa"), seed),
+        "clip": save_tiny_clip(os.path.join(output_dir, "clip"), seed),
     }
     return paths
 

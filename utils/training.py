@@ -37,7 +37,7 @@ POSITIVE_FLAGS = ("learning_rate", "discriminator_learning_rate", "max_grad_norm
 AT_LEAST_ONE_FLAGS = (
     "rank", "discriminator_rank", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
     "checkpointing_steps", "validation_steps", "num_validation_images", "num_inference_steps", "max_nonfinite_steps",
-    "resolution", "lora_alpha",
+    "resolution", "lora_alpha", "eval_steps", "eval_num_prompts", "eval_images_per_prompt",
 )
 
 
@@ -81,6 +81,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     output.add_argument("--validation_prompt", type=str, default=None, help="Prompt rendered every --validation_steps and at the end (TensorBoard/wandb and the model card).")
     output.add_argument("--num_validation_images", type=int, default=4, help="Images generated per validation.")
     output.add_argument("--validation_steps", type=int, default=100, help="Run validation every N optimizer steps (needs --validation_prompt).")
+    output.add_argument("--eval_prompts", type=str, default=None, help="Alignment evaluation during training: builtin:CATEGORY (color, shape, texture, spatial, non_spatial, complex; comma-separated or 'all') or a text file, one prompt a line. Every --eval_steps (and before the first step and at the last) the main process renders the first --eval_num_prompts prompts with fixed seeds and logs each category's scores (BLIP-VQA, GroundingDINO, CLIPScore: see pipeline_comat.py evaluate) as alignment/CATEGORY/METRIC.")
+    output.add_argument("--eval_steps", type=int, default=100, help="Evaluate alignment every N optimizer steps (needs --eval_prompts).")
+    output.add_argument("--eval_num_prompts", type=int, default=8, help="Prompts per category of each alignment evaluation (the first N of the set).")
+    output.add_argument("--eval_images_per_prompt", type=int, default=1, help="Images per prompt of each alignment evaluation (seeds --seed … --seed + N - 1).")
+    output.add_argument("--blip_vqa_model", type=str, default="Salesforce/blip-vqa-base", help="BlipForQuestionAnswering of the alignment evaluation's colour/shape/texture score (spatial scores use --grounding_model_name_or_path, --box_threshold and --text_threshold).")
+    output.add_argument("--clip_model", type=str, default="openai/clip-vit-large-patch14", help="CLIPModel of the alignment evaluation's CLIPScore.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (LoRA + model card) to the Hub at the end.")
     output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id for --push_to_hub. Default: the --output_dir folder name.")
     output.add_argument("--hub_token", type=str, default=None, help="Refused (use `hf auth login` or HF_TOKEN): a token on the command line shows in `ps`, shell history and launcher error messages.")
@@ -183,6 +189,13 @@ def validate_args(args, parser):
         parser.error("--prepare_reference_latents_only fills the cache of Fidelity Preservation: drop --no_fidelity_preservation.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1.")
+    if args.eval_prompts is not None:
+        from .eval_prompts import load_eval_prompts
+
+        try:
+            load_eval_prompts(args.eval_prompts, "--eval_prompts")
+        except ValueError as error:
+            parser.error(str(error))
 
 
 def resolve_resolution(args, unet, vae):
