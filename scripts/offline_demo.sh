@@ -19,7 +19,18 @@ accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no 
   --resolution 64 --train_batch_size 2 --num_inference_steps 8 --num_grad_steps 2 \
   --max_train_steps 20 --checkpointing_steps 10 --rank 4 --learning_rate 1e-3 \
   --validation_prompt "a red book and a yellow vase" --num_validation_images 2 --validation_steps 10 \
+  --eval_prompts builtin:color --eval_steps 10 --eval_num_prompts 4 --blip_vqa_model tiny-models/blip_vqa \
   --output_dir comat-demo
+
+# The alignment curve the run logged to TensorBoard (tensorboard --logdir comat-demo/logs shows it too).
+python - <<'PY'
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+events = EventAccumulator("comat-demo/logs/comat")
+events.Reload()
+curve = ", ".join(f"step {e.step}: {e.value:.4f}" for e in events.Scalars("alignment/color/blip_vqa"))
+print(f"alignment/color/blip_vqa during training: {curve}")
+PY
 
 python - <<'PY'
 import utils  # noqa: F401  (hides two expected, harmless library warnings; see the README's Troubleshooting)
@@ -36,6 +47,13 @@ comat = pipe("a red book and a yellow vase", generator=torch.Generator().manual_
 print(f"Loaded comat-demo/pytorch_lora_weights.safetensors into a stock StableDiffusionPipeline; "
       f"mean |CoMat - base| pixel difference: {np.abs(comat - base).mean():.4f}")
 PY
+
+# Did the LoRA improve alignment? Base vs LoRA on unseen built-in prompts, same seeds (tiny random scorers here).
+python pipeline_comat.py evaluate --base_model tiny-models/sd --lora comat-demo \
+  --prompts builtin:color,spatial,non_spatial --max_prompts 4 --images_per_prompt 2 \
+  --num_inference_steps 10 --resolution 64 --blip_vqa_model tiny-models/blip_vqa \
+  --grounding_model tiny-models/grounding_dino --clip_model tiny-models/clip --box_threshold 0.05 --text_threshold 0.05 \
+  --output_dir comat-demo/eval
 
 # The paper's diagnostic: how much cross-attention each prompt token gets, base vs CoMat LoRA.
 python pipeline_comat.py activations --base_model tiny-models/sd --lora comat-demo \

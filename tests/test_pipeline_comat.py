@@ -404,6 +404,62 @@ def test_cli_refuses_a_pickled_lora_a_token_on_the_command_line_and_missing_path
     assert exit_info.value.code == 2 and "hf auth login" in err and TOKEN not in err
 
 
+@pytest.fixture(scope="module")
+def scorer_flags(tiny_blip_vqa_path, tiny_grounding_dino_path, tiny_clip_path):
+    return ["--blip_vqa_model", tiny_blip_vqa_path, "--grounding_model", tiny_grounding_dino_path, "--clip_model", tiny_clip_path,
+            "--box_threshold", "0", "--text_threshold", "0"]
+
+
+def test_cli_evaluate_compares_base_and_loras_per_category(tiny_paths, lora_dirs, scorer_flags, tmp_path, capsys):
+    user_file = tmp_path / "complex_val.txt"  # a T2I-CompBench file: scored as its category
+    user_file.write_text("three black cats on the left of a red sofa\na chef in a red hat riding a white horse\n")
+    second = tmp_path / "second"
+    shutil.copytree(lora_dirs["sd"], second)
+    output_dir = tmp_path / "eval"
+    pipeline_comat.main(
+        ["evaluate", "--base_model", tiny_paths["sd"], "--lora", lora_dirs["sd"], "--lora", str(second), "--device", "cpu"]
+        + ["--prompts", "builtin:color,spatial", "--prompts", str(user_file), "--max_prompts", "2", "--images_per_prompt", "2"]
+        + ["--num_inference_steps", "2", "--resolution", "32", "--output_dir", str(output_dir), *scorer_flags]
+    )
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["loras"] == {"sd": lora_dirs["sd"], "second": str(second)}
+    categories = results["categories"]
+    assert {name: entry["lead_metric"] for name, entry in categories.items()} == {"color": "blip_vqa", "spatial": "spatial", "complex_val": "three_in_one"}
+    for entry in categories.values():
+        assert list(entry["summary"]) == ["base", "sd", "second"]
+        lead = entry["summary"]["sd"][entry["lead_metric"]]
+        assert lead["n"] == 4 and "difference_to_base" in lead
+        # the same LoRA twice: the same images, the same scores
+        assert entry["summary"]["second"][entry["lead_metric"]]["mean"] == lead["mean"]
+        with PIL.Image.open(output_dir / entry["grid"]) as grid:
+            assert grid.format == "PNG"
+    assert {"blip_vqa", "spatial", "clip_score", "objects_present", "counting"} <= set(categories["complex_val"]["summary"]["base"])
+    lines = [json.loads(line) for line in (output_dir / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 * 2 * 2 * 3  # categories × prompts × seeds × models
+    assert {line["seed"] for line in lines} == {0, 1}
+    markdown = (output_dir / "results.md").read_text()
+    assert "## color (2 prompts × 2 seeds)" in markdown and "| model | blip_vqa |" in markdown
+    printed = capsys.readouterr().out
+    assert "spatial: 2 prompts × 2 seeds, lead metric spatial" in printed and "Δ" in printed
+
+
+def test_cli_evaluate_refuses_bad_input_before_generating(tiny_paths, scorer_flags, tmp_path, capsys):
+    output_dir = tmp_path / "eval"
+    base = ["evaluate", "--base_model", tiny_paths["sd"], "--device", "cpu", "--output_dir", str(output_dir)]
+    cases = [
+        (["--prompts", "builtin:colour", *scorer_flags], "--prompts builtin:colour: no built-in category 'colour'"),
+        (["--prompts", "builtin:color", "--images_per_prompt", "0"], "--images_per_prompt must be at least 1"),
+        (["--prompts", "builtin:non_spatial", *scorer_flags[:4], "--clip_model", str(tmp_path / "no-clip")], "given by --clip_model"),
+        (["--prompts", "builtin:color", "--lora", str(tmp_path / "no-lora")], "no such folder"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            pipeline_comat.main(base + flags)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    assert not output_dir.exists()
+
+
 def test_expected_library_warnings_are_hidden_and_the_others_print_once(tiny_paths, lora_dirs):
     """What a person reads: no torchvision-fallback or "No LoRA keys … CLIPTextModel" warnings (expected, harmless),
     and a Hub warning (e.g. an upload retry) once, not twice."""

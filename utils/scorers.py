@@ -100,12 +100,18 @@ def yes_probability_product(yes_probabilities: Sequence[float]) -> float:
     return float(np.prod(yes_probabilities)) if len(yes_probabilities) else 1.0
 
 
+def object_span(entity) -> tuple[int, int]:
+    """Character span of an object in its prompt: from its first attribute before the noun to the noun (attributes
+    after it, "the dog is red", are elsewhere in the sentence)."""
+    noun_start, noun_end = entity.noun_char_span
+    return min(start for start, _ in entity.char_spans if start <= noun_start), noun_end
+
+
 def object_phrases(prompt: str, nlp) -> list[str]:
     """The prompt's object phrases (article or number, attributes, noun: "a red book", "three cats"), in order."""
     phrases = []
     for entity in extract_entities(prompt, nlp, attend_all_nouns=True):
-        start = min(start for start, _ in entity.char_spans)
-        end = max(end for _, end in entity.char_spans)
+        start, end = object_span(entity)
         before = re.search(r"(\w+)\s+$", prompt[:start])
         if before and (before.group(1).lower() in ("a", "an", "the") or before.group(1).lower() in NUMBER_WORDS):
             start = before.start(1)
@@ -140,20 +146,27 @@ class BlipVqaScorer:
 
     @torch.no_grad()
     def yes_probabilities(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> torch.Tensor:
-        """P("yes") against "no" for each (image, question) pair: the first answer token's two logits."""
+        """P("yes") against "no" for each (image, question) pair: the first answer token's two logits.
+
+        Questions run in groups of one token length, unpadded: BLIP's answer decoder in transformers 5 drops the
+        question's padding mask in its cross-attention (``BlipTextLayer`` passes it as ``attention_mask``, which
+        the attention replaces by ``encoder_attention_mask``), so a padded question would be answered differently."""
         model = self.model
         pixels = self.processor.image_processor(list(images), return_tensors="pt").pixel_values
-        text = self.processor.tokenizer(list(questions), padding=True, return_tensors="pt").to(model.device)
-        image_embeds = model.vision_model(pixel_values=pixels.to(model.device, model.dtype))[0]
-        question_embeds = model.text_encoder(
-            input_ids=text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=model.device),
-        )[0]
-        start = torch.full((len(questions), 1), model.decoder_start_token_id, device=model.device)
-        logits = model.text_decoder(
-            input_ids=start, encoder_hidden_states=question_embeds, encoder_attention_mask=text.attention_mask
-        ).logits[:, -1]
-        return logits[:, self.answer_ids].float().softmax(dim=-1)[:, 0].cpu()
+        token_ids = self.processor.tokenizer(list(questions)).input_ids
+        probabilities = torch.empty(len(questions))
+        for length in sorted({len(ids) for ids in token_ids}):
+            group = [index for index, ids in enumerate(token_ids) if len(ids) == length]
+            input_ids = torch.tensor([token_ids[index] for index in group], device=model.device)
+            image_embeds = model.vision_model(pixel_values=pixels[group].to(model.device, model.dtype))[0]
+            question_embeds = model.text_encoder(
+                input_ids=input_ids, encoder_hidden_states=image_embeds,
+                encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=model.device),
+            )[0]
+            start = torch.full((len(group), 1), model.decoder_start_token_id, device=model.device)
+            logits = model.text_decoder(input_ids=start, encoder_hidden_states=question_embeds).logits[:, -1]
+            probabilities[group] = logits[:, self.answer_ids].float().softmax(dim=-1)[:, 0].cpu()
+        return probabilities
 
     def score(self, images, prompts):
         questions = [[phrase + "?" for phrase in object_phrases(prompt, self.nlp)] for prompt in prompts]
@@ -268,7 +281,7 @@ class DetectionScorer:
     def objects(self, prompt):
         """``(queries, spans)``: the name the detector looks for and the character span of each object."""
         entities = extract_entities(prompt, self.nlp, attend_all_nouns=True)
-        spans = [(min(s for s, _ in entity.char_spans), max(e for _, e in entity.char_spans)) for entity in entities]
+        spans = [object_span(entity) for entity in entities]
         return [entity.grounding_query for entity in entities], spans
 
     def detections(self, images, queries) -> list[list[torch.Tensor]]:
