@@ -680,29 +680,40 @@ def run_evaluate(args):
             generations = evaluation.generate(pipeline, models, prompts, seeds, batch_size=args.batch_size, **call)
             lead = scorers_module.score_category(generations, eval_prompts.category_of(category), scorers)
             summary = evaluation.summarize(generations, baseline="base")
-            metrics = sorted(summary["base"], key=lambda metric: metric != lead)
-            grid = os.path.join(args.output_dir, f"grid_{_slug(category)}.png")
-            shown = list(range(0, len(prompts) * len(seeds), len(seeds)))[: args.grid_prompts]
-            side = generations["base"].images[0].shape[0]
-            evaluation.side_by_side(
-                generations, shown, grid, scale=min(4.0, 192 / side),
-                caption=lambda name, index: f"{metrics[0]} {generations[name].scores[index].get(metrics[0], float('nan')):.3f}",
-            )
-            results["categories"][category] = {"lead_metric": lead, "num_prompts": len(prompts), "grid": os.path.basename(grid), "summary": summary}
+            metrics = sorted(summary["base"], key=lambda metric: metric != lead)  # the lead metric first
+            grid = _save_grid(generations, metrics[:1], len(seeds), args.grid_prompts, os.path.join(args.output_dir, f"grid_{_slug(category)}.png"))
+            results["categories"][category] = {"lead_metric": lead, "num_prompts": len(prompts), "grid": grid, "summary": summary}
             table = evaluation.markdown_table(summary, "base", metrics)
-            markdown += [f"## {category} ({len(prompts)} prompts × {len(seeds)} seeds)\n", table, f"![{category}]({os.path.basename(grid)})\n"]
+            markdown += [f"## {category} ({len(prompts)} prompts × {len(seeds)} seeds)\n", table, f"![{category}]({grid})\n"]
             print(f"\n{category}: {len(prompts)} prompts × {len(seeds)} seeds" + (f", lead metric {lead}" if lead else ""))
             print(table.replace("<br>", "  "))
-            for name, generation in generations.items():
-                for prompt, seed, image_scores in zip(generation.prompts, generation.seeds, generation.scores):
-                    # a metric that does not apply (NaN) is null: JSON has no NaN
-                    finite = {metric: value if math.isfinite(value) else None for metric, value in image_scores.items()}
-                    scores_file.write(json.dumps({"category": category, "model": name, "prompt": prompt, "seed": seed, **finite}) + "\n")
+            _write_scores(scores_file, category, generations)
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(markdown))
     print(os.path.join(args.output_dir, "results.md"))
+
+
+def _save_grid(generations, shown_metric, num_seeds, num_prompts, path):
+    """The first seed of the first ``num_prompts`` prompts, every model side by side (cells of about 192 px), each
+    image captioned with ``shown_metric`` (a list of at most one name); returns the file name."""
+    first_seeds = list(range(0, len(generations["base"].images), num_seeds))[:num_prompts]
+
+    def caption(name, index):
+        return f"{shown_metric[0]} {generations[name].scores[index].get(shown_metric[0], math.nan):.3f}"
+
+    side = generations["base"].images[0].shape[0]
+    importlib.import_module("utils.evaluation").side_by_side(generations, first_seeds, path, scale=min(4.0, 192 / side), caption=caption if shown_metric else None)
+    return os.path.basename(path)
+
+
+def _write_scores(scores_file, category, generations):
+    """One JSON line per image: its category, model, prompt, seed and scores (null where a metric does not apply)."""
+    for name, generation in generations.items():
+        for prompt, seed, image_scores in zip(generation.prompts, generation.seeds, generation.scores):
+            finite = {metric: value if math.isfinite(value) else None for metric, value in image_scores.items()}
+            scores_file.write(json.dumps({"category": category, "model": name, "prompt": prompt, "seed": seed, **finite}) + "\n")
 
 
 def run_push(args):

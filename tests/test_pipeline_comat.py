@@ -442,6 +442,15 @@ def test_cli_evaluate_compares_base_and_loras_per_category(tiny_paths, lora_dirs
     printed = capsys.readouterr().out
     assert "spatial: 2 prompts × 2 seeds, lead metric spatial" in printed and "Δ" in printed
 
+    # an SDXL base with its LoRA
+    pipeline_comat.main(
+        ["evaluate", "--base_model", tiny_paths["sdxl"], "--lora", lora_dirs["sdxl"], "--device", "cpu", "--prompts", "builtin:color"]
+        + ["--max_prompts", "1", "--images_per_prompt", "1", "--num_inference_steps", "2", "--resolution", "32"]
+        + ["--output_dir", str(tmp_path / "eval-xl"), *scorer_flags]
+    )
+    summary = json.loads((tmp_path / "eval-xl" / "results.json").read_text())["categories"]["color"]["summary"]
+    assert list(summary) == ["base", "sdxl"] and summary["sdxl"]["blip_vqa"]["n"] == 1
+
 
 def test_cli_evaluate_refuses_bad_input_before_generating(tiny_paths, scorer_flags, tmp_path, capsys):
     output_dir = tmp_path / "eval"

@@ -61,13 +61,13 @@ def tiny_args(paths, output_dir, base="sd", **overrides):
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def trained_run(request, tiny_paths, tmp_path_factory):
     """One accelerate-launched run per family with all three modules, a checkpoint at step 2 of 4 and an alignment
-    evaluation (two built-in colour prompts, BLIP-VQA) every 2 steps."""
+    evaluation (two built-in colour prompts, BLIP-VQA) before the first step and at the last."""
     family = request.param
     output_dir = str(tmp_path_factory.mktemp("run") / "out")
     result = run_script("accelerate", SCRIPTS[family], tiny_args(
         tiny_paths, output_dir, base=family, checkpointing_steps=2, gradient_checkpointing=True,
         validation_prompt="a red book and a yellow vase", num_validation_images=1, validation_steps=100,
-        report_to="tensorboard", eval_prompts="builtin:color", eval_steps=2, eval_num_prompts=2, blip_vqa_model=tiny_paths["blip_vqa"],
+        report_to="tensorboard", eval_prompts="builtin:color", eval_steps=4, eval_num_prompts=2, blip_vqa_model=tiny_paths["blip_vqa"],
     ))
     return family, output_dir, result.stdout
 
@@ -115,7 +115,7 @@ def test_alignment_is_logged_from_the_base_model_to_the_last_step(trained_run):
     accumulator = EventAccumulator(os.path.join(output_dir, "logs", "comat"))
     accumulator.Reload()
     curve = accumulator.Scalars("alignment/color/blip_vqa")
-    assert [event.step for event in curve] == [0, 2, 4]
+    assert [event.step for event in curve] == [0, 4]
     assert all(0 < event.value < 1 for event in curve)
     assert "Alignment at step 4: alignment/color/blip_vqa" in stdout
 
