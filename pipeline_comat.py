@@ -432,7 +432,7 @@ def _add_model_arguments(parser, several_loras=False):
     parser.add_argument("--variant", type=str, default=None, help="Weight variant of the base model files, e.g. 'fp16'.")
     parser.add_argument("--device", type=str, default=None, help="Device to run on. Default: cuda if available, else cpu.")
     parser.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES), help="Weights dtype. Default: fp16 on cuda, fp32 on cpu.")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps. Default: 50.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale. Default: the pipeline's (SD 7.5, SDXL 5.0).")
     parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (image i of a prompt uses seed + i). Default: 0.")
