@@ -84,7 +84,11 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
 
     from benchmarks.efficacy import reward_probe
 
-    probed = reward_probe.probe(str(tmp_path / "world"), str(tmp_path / "world" / "blip"), seeds=1, steps=2, every=1)
+    from benchmarks.efficacy.pretrain import adversarial_captioner
+
+    robust, prefers_true = adversarial_captioner(str(tmp_path / "world"), 16, steps=2, batch_size=4, dataset_size=8, check_images=4)
+    assert robust == str(tmp_path / "world" / "blip-adversarial-16") and 0 <= prefers_true <= 1
+    probed = reward_probe.probe(str(tmp_path / "world"), robust, seeds=1, steps=2, every=1)
     assert [point["step"] for point in probed["towards"]["prompt"]] == [0, 1, 2]
     assert set(probed["towards"]) == {"prompt", "swapped"} and 0 <= probed["base"]["prompt_accuracy"] <= 1
 

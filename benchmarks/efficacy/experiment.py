@@ -94,14 +94,15 @@ def frechet_distance(images, reference_images):
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross))
 
 
-def finetune(name, flags, world_dir, output_dir, settings, threads):
-    """One CoMat fine-tune through train_comat.py (reused when its LoRA exists for the same command)."""
+def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=100000):
+    """One CoMat fine-tune through train_comat.py (reused when its LoRA exists for the same command); ``captioner``
+    defaults to the world's."""
     run_dir = os.path.join(output_dir, "runs", name.replace(" ", "_").replace("+", "plus"))
     prompts_file = os.path.join(output_dir, "finetune_prompts.txt")
     command = [
         sys.executable, os.path.join(REPO_ROOT, "train_comat.py"),
         "--pretrained_model_name_or_path", os.path.join(world_dir, "sd"),
-        "--caption_model_name_or_path", os.path.join(world_dir, "blip"),
+        "--caption_model_name_or_path", captioner or os.path.join(world_dir, "blip"),
         "--segmenter", "benchmarks.efficacy.world:load_shape_segmenter",
         "--attention_layers", "mid,up",
         "--train_data", prompts_file, "--output_dir", run_dir,
@@ -110,7 +111,7 @@ def finetune(name, flags, world_dir, output_dir, settings, threads):
         "--guidance_scale", str(GUIDANCE_SCALE), "--learning_rate", str(settings["learning_rate"]),
         "--discriminator_learning_rate", str(settings["discriminator_learning_rate"]),
         "--caption_loss_reduction", settings["caption_loss_reduction"],
-        "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", "100000", "--report_to", "tensorboard",
+        "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", str(checkpointing_steps), "--report_to", "tensorboard",
         "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), "--seed", "0", "--overwrite_output_dir", *flags,
     ]
     record = os.path.join(run_dir, "efficacy_command.json")
@@ -177,8 +178,21 @@ def run(args):
     start = time.perf_counter()
     world_summary = build_world(args.world_dir, recipe)
     world_seconds = time.perf_counter() - start
-    run_dirs = {name: finetune(name, flags, args.world_dir, args.output_dir, settings, args.threads) for name, flags in RUNS.items()}
+    runs = args.runs.split(",") if getattr(args, "runs", None) else list(RUNS)
+    checkpointing_steps = getattr(args, "checkpointing_steps", None)
+    run_dirs = {
+        name: finetune(name, RUNS[name], args.world_dir, args.output_dir, settings, args.threads, getattr(args, "captioner", None),
+                       checkpointing_steps or 100000)
+        for name in runs
+    }
     finetune_seconds = time.perf_counter() - start - world_seconds
+    models = {"base": None}
+    for name, run_dir in run_dirs.items():
+        if checkpointing_steps:  # the run's earlier checkpoints, as models of their own
+            for step in range(checkpointing_steps, settings["max_train_steps"], checkpointing_steps):
+                models[f"{name} @ {step}"] = os.path.join(run_dir, f"checkpoint-{step}")
+        models[name] = run_dir
+    shown_run = "full CoMat" if "full CoMat" in run_dirs else runs[-1]
 
     pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(args.world_dir, "sd"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
@@ -186,7 +200,7 @@ def run(args):
     seeds = list(range(settings["seeds"]))
     scorer = WorldJudgeScorer()
     prompts = world.EVALUATION_PROMPTS[: 2 if args.quick else None]
-    generations = evaluation.generate(pipeline, {"base": None, **run_dirs}, prompts, seeds, **call)
+    generations = evaluation.generate(pipeline, models, prompts, seeds, **call)
     evaluation.score(generations, scorer)
     summary = evaluation.summarize(generations, baseline="base")
     fidelity_by_model, _ = fidelity(generations, prompts, seeds)
@@ -197,17 +211,25 @@ def run(args):
     os.makedirs(args.output_dir, exist_ok=True)
     shown = [prompts.index(p) * len(seeds) for p in prompts[:8]]
     evaluation.side_by_side(
-        {name: generations[name] for name in ("base", "full CoMat")}, shown, os.path.join(args.output_dir, "samples.png"),
+        {name: generations[name] for name in ("base", shown_run)}, shown, os.path.join(args.output_dir, "samples.png"),
         caption=lambda name, i: "right" if generations[name].scores[i]["full_prompt_accuracy"] else "wrong",
     )
     failing = next((g_prompt for g_prompt, s in zip(generations["base"].prompts, generations["base"].scores)
                     if not s["full_prompt_accuracy"]), prompts[0])
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "pipeline_comat.py"), "activations", "--base_model",
-                    os.path.join(args.world_dir, "sd"), "--lora", run_dirs["full CoMat"], "--prompt", failing,
+                    os.path.join(args.world_dir, "sd"), "--lora", run_dirs[shown_run], "--prompt", failing,
                     "--attention_layers", "mid,up", "--output", os.path.join(args.output_dir, "token_activations.png")],
                    cwd=REPO_ROOT, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    finetune_prompt_summary = None
+    if getattr(args, "evaluate_finetune_prompts", False):
+        # In distribution: the two-object prompts the fine-tunes saw, same seeds.
+        seen = [prompt for prompt in world.FINETUNE_PROMPTS if " and " in prompt]
+        seen_generations = evaluation.generate(pipeline, models, seen, seeds, **call)
+        evaluation.score(seen_generations, scorer)
+        finetune_prompt_summary = evaluation.summarize(seen_generations, baseline="base")
     results = dict(
-        recipe=recipe, settings=settings, guidance_scale=GUIDANCE_SCALE, world=world_summary,
+        recipe=recipe, settings=settings, captioner=getattr(args, "captioner", None) or os.path.join(args.world_dir, "blip"),
+        finetune_prompt_summary=finetune_prompt_summary, guidance_scale=GUIDANCE_SCALE, world=world_summary,
         evaluation_prompts=prompts, seeds=seeds, finetune_prompts=len(world.FINETUNE_PROMPTS),
         base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
         token_activations_prompt=failing,
@@ -217,6 +239,15 @@ def run(args):
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     table = markdown(summary, fidelity_by_model, "base")
+    if finetune_prompt_summary:
+        table += "\nOn the fine-tune prompts (in distribution): " + "; ".join(
+            f"{name} {100 * row['full_prompt_accuracy']['mean']:.1f}%"
+            + (f" (Δ {100 * row['full_prompt_accuracy']['difference_to_base']['mean']:+.1f} "
+               f"[{100 * row['full_prompt_accuracy']['difference_to_base']['ci95'][0]:+.1f}, "
+               f"{100 * row['full_prompt_accuracy']['difference_to_base']['ci95'][1]:+.1f}])" if name != "base" else "")
+            + f", parsed {100 * row['parsed']['mean']:.1f}%"
+            for name, row in finetune_prompt_summary.items()
+        ) + "\n"
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     print(table)
@@ -235,7 +266,14 @@ def main(argv=None):
     parser.add_argument("--discriminator_learning_rate", type=float, default=None, help="Discriminator learning rate (default: 5e-4; the SD1.5 recipe's 2e-5 is fooled here).")
     parser.add_argument("--caption_loss_reduction", choices=["mean", "sum"], default=None, help="train_comat.py's flag (default: sum, the paper's formula).")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="Threads of the fine-tunes.")
+    parser.add_argument("--runs", default=None, help=f"Comma-separated fine-tunes to run (default: all of {', '.join(RUNS)}).")
+    parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: WORLD_DIR/blip), e.g. WORLD_DIR/blip-adversarial from pretrain.py --adversarial_captioner.")
+    parser.add_argument("--checkpointing_steps", type=int, default=None, help="Also evaluate each run's checkpoint every N steps (default: the final LoRA only).")
+    parser.add_argument("--evaluate_finetune_prompts", action="store_true", help="Also measure accuracy on the two-object prompts the fine-tunes saw (in distribution).")
     args = parser.parse_args(argv)
+    unknown = [name for name in (args.runs or "").split(",") if name and name not in RUNS]
+    if unknown:
+        parser.error(f"--runs: no run {', '.join(map(repr, unknown))}; choose from {', '.join(RUNS)}.")
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     run(args)
 
