@@ -511,10 +511,9 @@ def _check_model_flag(name, flag):
         _fail(describe_load_failure(name, flag))
 
 
-def _load_pipeline(args):
-    """The pipeline of ``--base_model`` on its device, with ``--lora`` loaded (``evaluate``: every ``--lora`` is
-    checked by loading it once, then unloaded)."""
-    loras = args.lora if isinstance(args.lora, list) else [args.lora] if args.lora else []
+def _load_pipeline(args, loras, keep_loras=True):
+    """The pipeline of ``--base_model`` on its device with ``loras`` loaded; with ``keep_loras=False`` each LoRA is
+    only checked (loaded once, then unloaded)."""
     _check_model_flag(args.base_model, "--base_model")
     for lora in loras:
         _check_model_flag(lora, "--lora")
@@ -525,7 +524,7 @@ def _load_pipeline(args):
         _fail(describe_load_failure(args.base_model, "--base_model", error))
     for lora in loras:
         _load_lora_safetensors(pipeline, lora)
-        if isinstance(args.lora, list):
+        if not keep_loras:
             pipeline.unload_lora_weights()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
@@ -574,7 +573,7 @@ def _slug(text, max_length=48):
 
 
 def run_generate(args):
-    pipeline = _load_pipeline(args)
+    pipeline = _load_pipeline(args, [args.lora] if args.lora else [])
     os.makedirs(args.output_dir, exist_ok=True)
     for prompt_index, prompt in enumerate(args.prompt):
         seeds = [args.seed + image_index for image_index in range(args.num_images_per_prompt)]
@@ -594,7 +593,7 @@ def run_generate(args):
 
 
 def run_activations(args):
-    pipeline = _load_pipeline(args)
+    pipeline = _load_pipeline(args, [args.lora] if args.lora else [])
     results = pipeline.token_activations(
         args.prompt,
         num_inference_steps=args.num_inference_steps,
@@ -654,7 +653,7 @@ def run_evaluate(args):
         _fail(str(error))
     needed = dict.fromkeys(name for category in prompt_sets for name in scorers_module.scorers_for(eval_prompts.category_of(category)))
     models = {"base": None, **_model_names(args.lora)}
-    pipeline = _load_pipeline(args)
+    pipeline = _load_pipeline(args, args.lora, keep_loras=False)
     device, dtype = _device_and_dtype(args)
     try:
         scorers = scorers_module.load_scorers(

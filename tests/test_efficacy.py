@@ -68,8 +68,8 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     from benchmarks.efficacy import experiment
 
     output_dir = tmp_path / "results"
-    results = experiment.run(experiment.argparse.Namespace(
-        world_dir=str(tmp_path / "world"), output_dir=str(output_dir), quick=True, threads=1,
+    results = experiment.run(experiment.parse_args(
+        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(output_dir), "--quick", "--threads", "1"]
     ))
     for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
         assert set(results["summary"][name]) >= {"full_prompt_accuracy", "color_leak_rate", "background_cleanliness"}

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .entities import extract_entities, load_spacy_model
+from .evaluation import score
 from .grounded_segmentation import build_grounding_caption, detect_phrase_boxes, load_frozen, normalized_cxcywh_to_xyxy
 
 # Scorer name -> the metrics it writes.
@@ -100,6 +101,11 @@ def yes_probability_product(yes_probabilities: Sequence[float]) -> float:
     return float(np.prod(yes_probabilities)) if len(yes_probabilities) else 1.0
 
 
+def _word_before(prompt: str, start: int):
+    """The match of the word just before character ``start`` (its text: ``group(1)``), or None."""
+    return re.search(r"(\w+)\s+$", prompt[:start])
+
+
 def object_span(entity) -> tuple[int, int]:
     """Character span of an object in its prompt: from its first attribute before the noun to the noun (attributes
     after it, "the dog is red", are elsewhere in the sentence)."""
@@ -112,7 +118,7 @@ def object_phrases(prompt: str, nlp) -> list[str]:
     phrases = []
     for entity in extract_entities(prompt, nlp, attend_all_nouns=True):
         start, end = object_span(entity)
-        before = re.search(r"(\w+)\s+$", prompt[:start])
+        before = _word_before(prompt, start)
         if before and (before.group(1).lower() in ("a", "an", "the") or before.group(1).lower() in NUMBER_WORDS):
             start = before.start(1)
         phrases.append(prompt[start:end])
@@ -231,7 +237,7 @@ def non_maximum_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou_thres
 
 def counted_number(prompt: str, span_start: int) -> int | None:
     """The number written just before an object phrase ("three" in "three black cats"), or None."""
-    before = re.search(r"(\w+)\s+$", prompt[:span_start])
+    before = _word_before(prompt, span_start)
     if before is None:
         return None
     word = before.group(1).lower()
@@ -394,8 +400,6 @@ def load_scorers(names, *, blip_vqa_model, grounding_model, clip_model, spacy_mo
 def score_category(generations, category, scorers) -> str | None:
     """Scores ``generations`` (``utils.evaluation``) with the scorers ``category`` needs (all loaded in ``scorers``)
     and returns the category's lead metric (None for a set of no known category)."""
-    from .evaluation import score
-
     score(generations, [scorers[name] for name in scorers_for(category)])
     if category == "complex":
         for generation in generations.values():

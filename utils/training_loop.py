@@ -64,7 +64,7 @@ from .fidelity_preservation import (
     reference_noise_seed,
 )
 from .eval_prompts import category_of, load_eval_prompts
-from .evaluation import Generation
+from .evaluation import Generation, summarize
 from .grounded_segmentation import load_segmenter
 from .hub import prepare_hub_repo, public_training_settings, push_command, push_folder_to_hub, save_model_card
 from .model_loading import ModelLoadError
@@ -705,6 +705,20 @@ def prepare_reference_latents(comat, prompts):
     accelerator.end_training()
 
 
+def render_image(pipeline, family, args, prompt, generator):
+    """One image of ``prompt`` with the validation pipeline (25 steps, ``--resolution``), as uint8 ``[H, W, 3]``.
+
+    The pipeline stops at the latents and the training decode turns them into pixels: the VAE may run in another
+    dtype than the UNet (SDXL's VAE in fp32 under fp16), which the stock pipelines' decode refuses."""
+    latents = pipeline(
+        prompt, num_inference_steps=25, height=args.resolution, width=args.resolution, generator=generator,
+        output_type="latent",
+    ).images
+    with torch.no_grad():
+        pixels = decode_latents(family.vae, latents)[0].permute(1, 2, 0)
+    return (pixels * 255).round().to(torch.uint8).cpu().numpy()
+
+
 class AlignmentEvaluation:
     """``--eval_prompts``: alignment scores of the model being trained, on fixed prompts and seeds (main process).
 
@@ -730,29 +744,21 @@ class AlignmentEvaluation:
             generation = Generation(
                 "current", [prompt for prompt in prompts for _ in self.seeds], [seed for _ in prompts for seed in self.seeds]
             )
-            for prompt, seed in zip(generation.prompts, generation.seeds):
-                latents = pipeline(
-                    prompt, num_inference_steps=25, height=args.resolution, width=args.resolution,
-                    generator=torch.Generator(device="cpu").manual_seed(seed), output_type="latent",
-                ).images
-                with torch.no_grad():
-                    pixels = decode_latents(family.vae, latents)[0].permute(1, 2, 0)
-                generation.images.append((pixels * 255).round().to(torch.uint8).cpu().numpy())
+            generation.images = [
+                render_image(pipeline, family, args, prompt, torch.Generator(device="cpu").manual_seed(seed))
+                for prompt, seed in zip(generation.prompts, generation.seeds)
+            ]
             score_category({"current": generation}, category_of(category), self.scorers)
-            for metric in dict.fromkeys(key for scores in generation.scores for key in scores):
-                values = [scores[metric] for scores in generation.scores if math.isfinite(scores.get(metric, math.nan))]
-                if values:
-                    logs[f"alignment/{category}/{metric}"] = sum(values) / len(values)
+            # the means leave out metrics that do not apply to an image (NaN), as the evaluate command's tables do
+            for metric, entry in summarize({"current": generation}, baseline="current")["current"].items():
+                logs[f"alignment/{category}/{metric}"] = entry["mean"]
         accelerator.log(logs, step=global_step)
         logger.info(f"Alignment at step {global_step}: " + ", ".join(f"{name} {value:.4f}" for name, value in logs.items()))
         return logs
 
 
 def log_validation(args, accelerator, family, weight_dtype, global_step):
-    """Render ``--validation_prompt`` with the current LoRA; log to the trackers, save PNGs, return their paths.
-
-    The pipeline stops at the latents and the training decode turns them into images: the VAE may run in
-    another dtype than the UNet (SDXL's VAE in fp32 under fp16), which the stock pipelines' decode refuses."""
+    """Render ``--validation_prompt`` with the current LoRA; log to the trackers, save PNGs, return their paths."""
     import numpy as np
     from PIL import Image
 
@@ -760,15 +766,10 @@ def log_validation(args, accelerator, family, weight_dtype, global_step):
     pipeline = family.validation_pipeline(args, weight_dtype)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = []
-    for _ in range(args.num_validation_images):
-        latents = pipeline(
-            args.validation_prompt, num_inference_steps=25, height=args.resolution, width=args.resolution,
-            generator=generator, output_type="latent",
-        ).images
-        with torch.no_grad():
-            pixels = decode_latents(family.vae, latents)[0].permute(1, 2, 0)
-        images.append(Image.fromarray((pixels * 255).round().to(torch.uint8).cpu().numpy()))
+    images = [
+        Image.fromarray(render_image(pipeline, family, args, args.validation_prompt, generator))
+        for _ in range(args.num_validation_images)
+    ]
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     paths = []

@@ -153,17 +153,22 @@ def fidelity(generations, prompts, seeds):
     return {name: {"frechet_distance": frechet_distance(g.images, real)} for name, g in generations.items()}, real
 
 
+def _percent(entry, sign=""):
+    """A summary entry (mean and 95% CI of a share) in percent: "28.8 [23.1, 35.1]"."""
+    return f"{100 * entry['mean']:{sign}.1f} [{100 * entry['ci95'][0]:{sign}.1f}, {100 * entry['ci95'][1]:{sign}.1f}]"
+
+
 def markdown(summary, fidelity_by_model, baseline):
     metrics = ["full_prompt_accuracy", "color_accuracy", "shape_accuracy", "missing_object_rate", "color_leak_rate"]
     lines = ["| model | " + " | ".join(m.replace("_", " ") for m in metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for name, row in summary.items():
-        cells = [f"{100 * row[m]['mean']:.1f} [{100 * row[m]['ci95'][0]:.1f}, {100 * row[m]['ci95'][1]:.1f}]" for m in metrics]
+        cells = [_percent(row[m]) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| model | Δ full-prompt accuracy vs base (paired) | parsed by the judge | background cleanliness | Fréchet distance to renders |",
               "|---|---:|---:|---:|---:|"]
     for name, row in summary.items():
         difference = row["full_prompt_accuracy"].get(f"difference_to_{baseline}")
-        delta = f"{100 * difference['mean']:+.1f} [{100 * difference['ci95'][0]:+.1f}, {100 * difference['ci95'][1]:+.1f}]" if difference else "–"
+        delta = _percent(difference, "+") if difference else "–"
         lines.append(f"| {name} | {delta} | {100 * row['parsed']['mean']:.1f}% | {100 * row['background_cleanliness']['mean']:.2f}% | "
                      f"{fidelity_by_model[name]['frechet_distance']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -174,14 +179,14 @@ def run(args):
 
     recipe = "quick" if args.quick else "full"
     settings = dict(SETTINGS[recipe])
-    settings.update({key: getattr(args, key) for key in TRAINING_FLAGS if getattr(args, key, None) is not None})
+    settings.update({key: getattr(args, key) for key in TRAINING_FLAGS if getattr(args, key) is not None})
     start = time.perf_counter()
     world_summary = build_world(args.world_dir, recipe)
     world_seconds = time.perf_counter() - start
-    runs = args.runs.split(",") if getattr(args, "runs", None) else list(RUNS)
-    checkpointing_steps = getattr(args, "checkpointing_steps", None)
+    runs = args.runs.split(",") if args.runs else list(RUNS)
+    checkpointing_steps = args.checkpointing_steps
     run_dirs = {
-        name: finetune(name, RUNS[name], args.world_dir, args.output_dir, settings, args.threads, getattr(args, "captioner", None),
+        name: finetune(name, RUNS[name], args.world_dir, args.output_dir, settings, args.threads, args.captioner,
                        checkpointing_steps or 100000)
         for name in runs
     }
@@ -221,14 +226,14 @@ def run(args):
                     "--attention_layers", "mid,up", "--output", os.path.join(args.output_dir, "token_activations.png")],
                    cwd=REPO_ROOT, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     finetune_prompt_summary = None
-    if getattr(args, "evaluate_finetune_prompts", False):
+    if args.evaluate_finetune_prompts:
         # In distribution: the two-object prompts the fine-tunes saw, same seeds.
         seen = [prompt for prompt in world.FINETUNE_PROMPTS if " and " in prompt]
         seen_generations = evaluation.generate(pipeline, models, seen, seeds, **call)
         evaluation.score(seen_generations, scorer)
         finetune_prompt_summary = evaluation.summarize(seen_generations, baseline="base")
     results = dict(
-        recipe=recipe, settings=settings, captioner=getattr(args, "captioner", None) or os.path.join(args.world_dir, "blip"),
+        recipe=recipe, settings=settings, captioner=args.captioner or os.path.join(args.world_dir, "blip"),
         finetune_prompt_summary=finetune_prompt_summary, guidance_scale=GUIDANCE_SCALE, world=world_summary,
         evaluation_prompts=prompts, seeds=seeds, finetune_prompts=len(world.FINETUNE_PROMPTS),
         base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
@@ -242,9 +247,7 @@ def run(args):
     if finetune_prompt_summary:
         table += "\nOn the fine-tune prompts (in distribution): " + "; ".join(
             f"{name} {100 * row['full_prompt_accuracy']['mean']:.1f}%"
-            + (f" (Δ {100 * row['full_prompt_accuracy']['difference_to_base']['mean']:+.1f} "
-               f"[{100 * row['full_prompt_accuracy']['difference_to_base']['ci95'][0]:+.1f}, "
-               f"{100 * row['full_prompt_accuracy']['difference_to_base']['ci95'][1]:+.1f}])" if name != "base" else "")
+            + (f" (Δ {_percent(row['full_prompt_accuracy']['difference_to_base'], '+')})" if name != "base" else "")
             + f", parsed {100 * row['parsed']['mean']:.1f}%"
             for name, row in finetune_prompt_summary.items()
         ) + "\n"
@@ -256,7 +259,7 @@ def run(args):
     return results
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world_dir", default="world", help="The world's models (built there when missing).")
     parser.add_argument("--output_dir", default="efficacy-results", help="Fine-tunes, images, results.")
@@ -274,6 +277,11 @@ def main(argv=None):
     unknown = [name for name in (args.runs or "").split(",") if name and name not in RUNS]
     if unknown:
         parser.error(f"--runs: no run {', '.join(map(repr, unknown))}; choose from {', '.join(RUNS)}.")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     run(args)
 
