@@ -143,9 +143,14 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_pa
 @pytest.mark.parametrize("family", ["sdxl"])  # the loop is shared by both families; SD runs on two processes in test_resume_and_preemption.py
 def test_two_processes_keep_identical_lora(family, tiny_paths, tmp_path):
     output_dir = str(tmp_path / "ddp")
-    result = run_script("torchrun", SCRIPTS[family], tiny_args(tiny_paths, output_dir, base=family, max_train_steps=2), num_processes=2)
+    result = run_script("torchrun", SCRIPTS[family], tiny_args(
+        tiny_paths, output_dir, base=family, max_train_steps=2,
+        # the main process evaluates alignment alone, before the first step and at the last, while the other waits
+        eval_prompts="builtin:color", eval_steps=2, eval_num_prompts=1, blip_vqa_model=tiny_paths["blip_vqa"],
+    ), num_processes=2)
     assert "2 processes" in result.stdout
     assert "LoRA identical on 2 processes" in result.stdout
+    assert result.stdout.count("Alignment at step 0:") == result.stdout.count("Alignment at step 2:") == 1
     assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
 
 

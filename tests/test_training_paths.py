@@ -159,7 +159,8 @@ def test_lora_with_non_finite_values_is_refused_at_the_end():
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_training_run_with_accumulation(precision, tiny_paths, tmp_path):
-    """The whole script: accumulation 2, a checkpoint (with the loss scale under fp16), a finite, trained LoRA."""
+    """The whole script: accumulation 2, a checkpoint (with the loss scale under fp16), a finite, trained LoRA, and
+    the alignment evaluation rendered in half precision."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output_dir = tmp_path / precision
@@ -167,6 +168,7 @@ def test_half_precision_training_run_with_accumulation(precision, tiny_paths, tm
         tiny_paths, str(output_dir), mixed_precision=precision, gradient_accumulation_steps=2, train_batch_size=1,
         num_inference_steps=2, num_grad_steps=1, attention_loss_steps=1, max_train_steps=2, checkpointing_steps=1,
         gradient_checkpointing=True, report_to="tensorboard",
+        eval_prompts="builtin:color", eval_steps=2, eval_num_prompts=1, blip_vqa_model=tiny_paths["blip_vqa"],
     ))
     lora = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert all(torch.isfinite(t).all() for t in lora.values())
@@ -175,6 +177,8 @@ def test_half_precision_training_run_with_accumulation(precision, tiny_paths, tm
     accumulator = EventAccumulator(str(output_dir / "logs" / "comat"))
     accumulator.Reload()
     assert ("loss_scale" in accumulator.Tags()["scalars"]) == (precision == "fp16")
+    curve = accumulator.Scalars("alignment/color/blip_vqa")
+    assert [event.step for event in curve] == [0, 2] and all(0 < event.value < 1 for event in curve)
 
 
 # ---- Discriminator under gradient checkpointing --------------------------------------------------------
