@@ -33,6 +33,35 @@ def test_the_judge_names_missing_objects_and_colour_leaks():
     assert world.background_cleanliness(blank) == 1.0 and world.parse_image(blank) == []
 
 
+def test_scorer_splits_full_prompt_accuracy_into_shapes_and_colour_binding():
+    from benchmarks.efficacy.experiment import WorldJudgeScorer
+
+    rng = np.random.default_rng(5)
+    prompt = "a red circle and a blue square"
+    drawn = ["a red circle and a blue square", "a blue circle and a red square", "a red circle and a blue triangle"]
+    scores = WorldJudgeScorer().score([world.render(world.objects_of(p), rng) for p in drawn], [prompt] * 3)
+    assert [s["full_prompt_accuracy"] for s in scores] == [1.0, 0.0, 0.0]
+    assert [s["all_shapes_drawn"] for s in scores] == [1.0, 1.0, 0.0]
+    assert scores[0]["colors_right_given_shapes"] == 1.0 and scores[1]["colors_right_given_shapes"] == 0.0
+    assert np.isnan(scores[2]["colors_right_given_shapes"])  # binding is not judged where a shape is missing
+    held_out_prompt = "a red square and a blue triangle"  # red square is held out, blue triangle is seen
+    assert ("red", "square") in world.HELD_OUT and ("blue", "triangle") not in world.HELD_OUT
+    scores = WorldJudgeScorer().score([world.render(world.objects_of("a blue square and a blue triangle"), rng)], [held_out_prompt])
+    assert scores[0]["held_out_pair_color_accuracy"] == 0.0 and scores[0]["seen_pair_color_accuracy"] == 1.0
+    no_held_out = WorldJudgeScorer().score([world.render(world.objects_of(prompt), rng)], [prompt])[0]
+    assert np.isnan(no_held_out["held_out_pair_color_accuracy"]) and no_held_out["seen_pair_color_accuracy"] == 1.0
+
+
+def test_reward_probe_counts_rebound_samples_per_colour_pair():
+    from benchmarks.efficacy.reward_probe import by_color_pair
+
+    rng = np.random.default_rng(6)
+    prompt = "a red square and a blue circle"
+    swap, right = (world.render(world.objects_of(p), rng) for p in (world.swapped_prompt(prompt), prompt))
+    pairs = by_color_pair([prompt, prompt], [swap, swap], [right, swap])
+    assert pairs == {"blue–red": dict(samples=2, prompt_before=0, prompt_after=1, swap_before=2)}
+
+
 def test_splits_are_disjoint_and_hold_out_pairs_from_pretraining():
     evaluation_prompts, finetune = set(world.EVALUATION_PROMPTS), set(world.FINETUNE_PROMPTS)
     assert evaluation_prompts and finetune and not evaluation_prompts & finetune
@@ -91,6 +120,20 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     probed = reward_probe.probe(str(tmp_path / "world"), robust, seeds=1, steps=2, every=1)
     assert [point["step"] for point in probed["towards"]["prompt"]] == [0, 1, 2]
     assert set(probed["towards"]) == {"prompt", "swapped"} and 0 <= probed["base"]["prompt_accuracy"] <= 1
+    assert sum(entry["samples"] for entry in probed["towards_prompt_by_color_pair"].values()) == probed["images"]
+
+    from benchmarks.efficacy import single_prompt
+
+    single_dir = tmp_path / "single"
+    single = single_prompt.run(single_prompt.parse_args(
+        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(single_dir), "--quick", "--threads", "1", "--captioner", robust,
+         "--related_prompts"]
+    ))
+    assert list(single["summary"]) == ["base", "@ 2"] and single["captioner"] == robust
+    assert single["related"]["same objects, other order"]["prompts"] == ["a blue circle and a green triangle"]
+    assert list(single["related"]["shares one object"]["summary"]) == ["base", "@ 2"]
+    assert (single_dir / "finetune_prompts.txt").read_text() == "a green triangle and a blue circle\n" * 2
+    assert os.path.getsize(single_dir / "single_prompt.png") > 1000 and "full prompt accuracy" in (single_dir / "results.md").read_text()
 
 
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
@@ -101,3 +144,13 @@ def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
     assert first.shape == images.shape and first.min() >= 0 and first.max() <= 1
     assert torch.equal(first, augment(images, reconstructions, torch.Generator().manual_seed(0)))
     assert not torch.equal(first, images)
+
+
+@pytest.mark.parametrize("flags, named", [(["--prompt", "a red circle"], "--prompt"), (["--prompt", "a pink circle and a red square"], "--prompt"),
+                                          (["--max_train_steps", "0"], "--max_train_steps")])
+def test_single_prompt_probe_refuses_bad_flags_before_training(flags, named, capsys):
+    from benchmarks.efficacy import single_prompt
+
+    with pytest.raises(SystemExit) as exit_info:
+        single_prompt.parse_args(flags)
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err

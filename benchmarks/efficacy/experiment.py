@@ -52,6 +52,10 @@ GUIDANCE_SCALE = 7.5
 TRAINING_FLAGS = ("max_train_steps", "learning_rate", "discriminator_learning_rate", "caption_loss_reduction")
 
 
+def _mean_or_nan(values):
+    return float(np.mean(values)) if values else float("nan")
+
+
 class WorldJudgeScorer:
     """The exact judge of the shapes world behind the evaluation core's scorer interface."""
 
@@ -62,12 +66,20 @@ class WorldJudgeScorer:
         for image, prompt in zip(images, prompts, strict=True):
             verdict = world.judge(image, prompt)
             objects = verdict["objects"]
+            all_shapes_drawn = all(o["shape_present"] for o in objects)
+            held_out = [(o.color, o.shape) in world.HELD_OUT for o in world.objects_of(prompt)]
             scores.append({
                 "full_prompt_accuracy": float(verdict["full_prompt"]),
                 "color_accuracy": float(np.mean([o["color_correct"] for o in objects])),
                 "shape_accuracy": float(np.mean([o["shape_present"] for o in objects])),
                 "missing_object_rate": float(np.mean([not o["shape_present"] for o in objects])),
                 "color_leak_rate": float(np.mean([o["color_leak"] for o in objects])),
+                # Full-prompt accuracy split into drawing the shapes and binding the colours to them.
+                "all_shapes_drawn": float(all_shapes_drawn),
+                "colors_right_given_shapes": float(all(o["color_correct"] for o in objects)) if all_shapes_drawn else float("nan"),
+                # Binding, or a colour moving from one object to the other: the objects of held-out and of seen pairs.
+                "held_out_pair_color_accuracy": _mean_or_nan([o["color_correct"] for o, h in zip(objects, held_out) if h]),
+                "seen_pair_color_accuracy": _mean_or_nan([o["color_correct"] for o, h in zip(objects, held_out) if not h]),
                 "parsed": float(verdict["parsed"]),
                 "background_cleanliness": world.background_cleanliness(image),
             })
@@ -94,9 +106,10 @@ def frechet_distance(images, reference_images):
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross))
 
 
-def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=100000):
-    """One CoMat fine-tune through train_comat.py (reused when its LoRA exists for the same command); ``captioner``
-    defaults to the world's."""
+def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=100000,
+             prompts=world.FINETUNE_PROMPTS):
+    """One CoMat fine-tune on ``prompts`` through train_comat.py (reused when its LoRA exists for the same command
+    and prompts); ``captioner`` defaults to the world's."""
     run_dir = os.path.join(output_dir, "runs", name.replace(" ", "_").replace("+", "plus"))
     prompts_file = os.path.join(output_dir, "finetune_prompts.txt")
     command = [
@@ -115,12 +128,14 @@ def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=No
         "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), "--seed", "0", "--overwrite_output_dir", *flags,
     ]
     record = os.path.join(run_dir, "efficacy_command.json")
-    if os.path.isfile(record) and json.load(open(record)) == command[1:]:
+    prompts_text = "\n".join(prompts) + "\n"
+    if (os.path.isfile(record) and json.load(open(record)) == command[1:] and os.path.isfile(prompts_file)
+            and open(prompts_file).read() == prompts_text):
         logger.info(f"Reusing the fine-tune '{name}' in {run_dir}")
         return run_dir
     os.makedirs(output_dir, exist_ok=True)
     with open(prompts_file, "w") as f:
-        f.write("\n".join(world.FINETUNE_PROMPTS) + "\n")
+        f.write(prompts_text)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=str(threads))
     logger.info(f"Fine-tuning '{name}': {' '.join(command[1:])}")
@@ -171,6 +186,14 @@ def markdown(summary, fidelity_by_model, baseline):
         delta = _percent(difference, "+") if difference else "–"
         lines.append(f"| {name} | {delta} | {100 * row['parsed']['mean']:.1f}% | {100 * row['background_cleanliness']['mean']:.2f}% | "
                      f"{fidelity_by_model[name]['frechet_distance']:.4f} |")
+    lines += ["", "| model | both shapes drawn | colours right when both shapes are drawn (images) | colour right: objects of held-out pairs | colour right: objects of seen pairs |",
+              "|---|---:|---:|---:|---:|"]
+    for name, row in summary.items():
+        cells = [_percent(row["all_shapes_drawn"])]
+        binding = row.get("colors_right_given_shapes")
+        cells.append(f"{_percent(binding)} ({binding['n']})" if binding else "–")
+        cells += [_percent(row[m]) if m in row else "–" for m in ("held_out_pair_color_accuracy", "seen_pair_color_accuracy")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

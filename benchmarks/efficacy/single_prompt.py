@@ -1,0 +1,132 @@
+"""Can CoMat teach one prompt's binding through our sampler and LoRA? The shapes world's one-prompt probe.
+
+The held-out experiment asks for transfer from 28 fine-tune prompts to others; this probe asks the narrower
+question underneath it: fine-tuned on a single prompt the base model gets wrong (the prompt repeated to fill each
+batch), does the generator learn to draw *that* prompt? It runs the real ``train_comat.py`` (``experiment.finetune``,
+the experiment's settings unless a flag changes them), then renders the prompt on seeds 100… (never used in
+training) with the base model and each checkpoint, judges every image, and writes ``OUTPUT/results.json``,
+``OUTPUT/results.md`` and ``OUTPUT/single_prompt.png`` (base and checkpoints side by side, same seeds). With
+``--related_prompts`` it also measures transfer: base vs the final LoRA on every other prompt naming one of the
+prompt's objects (the same two in the other order; one of them with another object).
+
+    OMP_NUM_THREADS=2 python -m benchmarks.efficacy.single_prompt --world_dir world --output_dir efficacy-results/single-prompt
+    python -m benchmarks.efficacy.single_prompt --quick --world_dir /tmp/w --output_dir /tmp/s   # mechanics only
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+
+from benchmarks.efficacy import experiment, world
+from benchmarks.efficacy.pretrain import build_world
+from utils import evaluation
+
+DEFAULT_PROMPT = "a green triangle and a blue circle"  # two held-out pairs; the base model draws their swap
+FIRST_SEED = 100
+METRICS = ("full_prompt_accuracy", "color_accuracy", "color_leak_rate", "all_shapes_drawn", "parsed", "background_cleanliness")
+
+
+def related_prompts(prompt):
+    """The other two-object world prompts that name one or both of ``prompt``'s objects, by relation to it."""
+    trained = set(world.objects_of(prompt))
+    groups = {"same objects, other order": [], "shares one object": []}
+    for candidate in world.TWO_OBJECT_PROMPTS:
+        shared = trained & set(world.objects_of(candidate))
+        if candidate != prompt and shared:
+            groups["same objects, other order" if len(shared) == 2 else "shares one object"].append(candidate)
+    return groups
+
+
+def markdown(summary):
+    lines = ["| model | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for name, row in summary.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]['mean']:.1f}" for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args):
+    from diffusers import StableDiffusionPipeline
+
+    recipe = "quick" if args.quick else "full"
+    settings = dict(experiment.SETTINGS[recipe], max_train_steps=args.max_train_steps if not args.quick else 2)
+    build_world(args.world_dir, recipe)
+    captioner = args.captioner or os.path.join(args.world_dir, "blip-adversarial-32")
+    if not os.path.isdir(captioner):
+        raise SystemExit(f"--captioner {captioner} does not exist: build it with `python -m benchmarks.efficacy.pretrain "
+                         f"--world_dir {args.world_dir} --adversarial_captioner 32 --adversarial_steps 600` or pass another.")
+    start = time.perf_counter()
+    prompts = [args.prompt] * settings["train_batch_size"]
+    run_dir = experiment.finetune(args.run, experiment.RUNS[args.run], args.world_dir, args.output_dir, settings,
+                                  args.threads, captioner, args.checkpointing_steps, prompts=prompts)
+    finetune_seconds = time.perf_counter() - start
+    models = {"base": None}
+    for step in range(args.checkpointing_steps, settings["max_train_steps"], args.checkpointing_steps):
+        models[f"@ {step}"] = os.path.join(run_dir, f"checkpoint-{step}")
+    models[f"@ {settings['max_train_steps']}"] = run_dir
+
+    pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(args.world_dir, "sd"), safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    seeds = list(range(FIRST_SEED, FIRST_SEED + (1 if args.quick else args.seeds)))
+    generations = evaluation.generate(pipeline, models, [args.prompt], seeds, show_progress=False,
+                                      num_inference_steps=settings["num_inference_steps"], guidance_scale=experiment.GUIDANCE_SCALE)
+    evaluation.score(generations, experiment.WorldJudgeScorer())
+    summary = evaluation.summarize(generations, baseline="base")
+    os.makedirs(args.output_dir, exist_ok=True)
+    evaluation.side_by_side(generations, list(range(min(8, len(seeds)))), os.path.join(args.output_dir, "single_prompt.png"), scale=3)
+    table = markdown(summary)
+    related = {}
+    if args.related_prompts:
+        # Does what CoMat learned on one prompt carry to others? The final LoRA on every prompt sharing an object.
+        final = {"base": None, f"@ {settings['max_train_steps']}": run_dir}
+        for group, group_prompts in related_prompts(args.prompt).items():
+            group_generations = evaluation.generate(pipeline, final, group_prompts, seeds[:8], show_progress=False,
+                                                    num_inference_steps=settings["num_inference_steps"], guidance_scale=experiment.GUIDANCE_SCALE)
+            evaluation.score(group_generations, experiment.WorldJudgeScorer())
+            related[group] = dict(prompts=group_prompts, summary=evaluation.summarize(group_generations, baseline="base"))
+            table += f"\n{group} ({len(group_prompts)} prompts × {len(seeds[:8])} seeds):\n\n" + markdown(related[group]["summary"])
+    results = dict(recipe=recipe, prompt=args.prompt, run=args.run, captioner=captioner, settings=settings, seeds=seeds,
+                   summary=summary, related=related, training_curves=experiment.training_curves(run_dir),
+                   seconds=dict(finetune=finetune_seconds, total=time.perf_counter() - start))
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table)
+    print(f'"{args.prompt}", {args.run}, captioner {captioner}, {len(seeds)} seeds:\n{table}')
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world_dir", default="world", help="The world's models (built there when missing).")
+    parser.add_argument("--output_dir", default="efficacy-results/single-prompt", help="Fine-tune, picture, results.")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f'The one two-object world prompt (default: "{DEFAULT_PROMPT}").')
+    parser.add_argument("--run", default="caption only", choices=list(experiment.RUNS), help="Which CoMat (default: caption only).")
+    parser.add_argument("--captioner", default=None, help="Captioner (default: WORLD_DIR/blip-adversarial-32, from pretrain.py --adversarial_captioner 32).")
+    parser.add_argument("--max_train_steps", type=int, default=150, help="Fine-tune steps (default: 150).")
+    parser.add_argument("--checkpointing_steps", type=int, default=50, help="Evaluate a checkpoint every N steps (default: 50).")
+    parser.add_argument("--seeds", type=int, default=32, help="Evaluation seeds, from 100 (default: 32).")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="Threads of the fine-tune.")
+    parser.add_argument("--related_prompts", action="store_true", help="Also evaluate the final LoRA on every other prompt that names one of the prompt's objects (transfer).")
+    parser.add_argument("--quick", action="store_true", help="Seconds-long run of every stage on the quick world: the mechanics.")
+    args = parser.parse_args(argv)
+    try:
+        objects = world.objects_of(args.prompt)
+    except ValueError:
+        objects = []
+    if len(objects) != 2 or any(o.color not in world.COLORS or o.shape not in world.SHAPES for o in objects):
+        parser.error(f'--prompt "{args.prompt}" is not a two-object world prompt such as "{DEFAULT_PROMPT}".')
+    if args.max_train_steps < 1 or args.checkpointing_steps < 1 or args.seeds < 1:
+        parser.error("--max_train_steps, --checkpointing_steps and --seeds must be at least 1.")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
