@@ -66,6 +66,9 @@ def test_splits_are_disjoint_and_hold_out_pairs_from_pretraining():
     evaluation_prompts, finetune = set(world.EVALUATION_PROMPTS), set(world.FINETUNE_PROMPTS)
     assert evaluation_prompts and finetune and not evaluation_prompts & finetune
     assert not (evaluation_prompts | finetune) & set(world.PRETRAINING_TWO_OBJECT_PROMPTS)
+    from benchmarks.efficacy.experiment import FINETUNE_PROMPT_SETS
+
+    assert all(not evaluation_prompts & set(prompts) for prompts in FINETUNE_PROMPT_SETS.values())
     rng = np.random.default_rng(1)
     for _ in range(300):
         _, prompt = world.pretraining_sample(rng)

@@ -47,6 +47,13 @@ SETTINGS = {
     "quick": dict(max_train_steps=2, train_batch_size=2, num_inference_steps=4, num_grad_steps=2, seeds=1, learning_rate=3e-4,
                   discriminator_learning_rate=2e-5, caption_loss_reduction="mean"),
 }
+# Prompts a fine-tune may see (never an evaluation prompt): the two-object prompts with a held-out pair outside the
+# evaluation split, and optionally also the pretraining's two-object prompts, which the base model draws right
+# and which anchor the colours of the seen pairs.
+FINETUNE_PROMPT_SETS = {
+    "held-out-pairs": world.FINETUNE_PROMPTS,
+    "with-seen-pairs": world.FINETUNE_PROMPTS + world.PRETRAINING_TWO_OBJECT_PROMPTS,
+}
 GUIDANCE_SCALE = 7.5
 # Fine-tune settings a run may change from the command line (the defaults are the table in the README).
 TRAINING_FLAGS = ("max_train_steps", "learning_rate", "discriminator_learning_rate", "caption_loss_reduction")
@@ -208,9 +215,10 @@ def run(args):
     world_seconds = time.perf_counter() - start
     runs = args.runs.split(",") if args.runs else list(RUNS)
     checkpointing_steps = args.checkpointing_steps
+    finetune_prompts = FINETUNE_PROMPT_SETS[args.finetune_prompts]
     run_dirs = {
         name: finetune(name, RUNS[name], args.world_dir, args.output_dir, settings, args.threads, args.captioner,
-                       checkpointing_steps or 100000)
+                       checkpointing_steps or 100000, prompts=finetune_prompts)
         for name in runs
     }
     finetune_seconds = time.perf_counter() - start - world_seconds
@@ -251,14 +259,14 @@ def run(args):
     finetune_prompt_summary = None
     if args.evaluate_finetune_prompts:
         # In distribution: the two-object prompts the fine-tunes saw, same seeds.
-        seen = [prompt for prompt in world.FINETUNE_PROMPTS if " and " in prompt]
+        seen = [prompt for prompt in finetune_prompts if " and " in prompt]
         seen_generations = evaluation.generate(pipeline, models, seen, seeds, **call)
         evaluation.score(seen_generations, scorer)
         finetune_prompt_summary = evaluation.summarize(seen_generations, baseline="base")
     results = dict(
         recipe=recipe, settings=settings, captioner=args.captioner or os.path.join(args.world_dir, "blip"),
         finetune_prompt_summary=finetune_prompt_summary, guidance_scale=GUIDANCE_SCALE, world=world_summary,
-        evaluation_prompts=prompts, seeds=seeds, finetune_prompts=len(world.FINETUNE_PROMPTS),
+        evaluation_prompts=prompts, seeds=seeds, finetune_prompt_set=args.finetune_prompts, finetune_prompts=len(finetune_prompts),
         base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
         token_activations_prompt=failing,
         training_curves={name: training_curves(run_dir) for name, run_dir in run_dirs.items()},
@@ -294,6 +302,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="Threads of the fine-tunes.")
     parser.add_argument("--runs", default=None, help=f"Comma-separated fine-tunes to run (default: all of {', '.join(RUNS)}).")
     parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: WORLD_DIR/blip), e.g. WORLD_DIR/blip-adversarial from pretrain.py --adversarial_captioner.")
+    parser.add_argument("--finetune_prompts", choices=list(FINETUNE_PROMPT_SETS), default="held-out-pairs", help="The fine-tunes' prompts: the 28 with a held-out pair (default), or those and the 42 two-object prompts of pretraining (with-seen-pairs).")
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Also evaluate each run's checkpoint every N steps (default: the final LoRA only).")
     parser.add_argument("--evaluate_finetune_prompts", action="store_true", help="Also measure accuracy on the two-object prompts the fine-tunes saw (in distribution).")
     args = parser.parse_args(argv)
