@@ -130,12 +130,17 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     single_dir = tmp_path / "single"
     single = single_prompt.run(single_prompt.parse_args(
         ["--world_dir", str(tmp_path / "world"), "--output_dir", str(single_dir), "--quick", "--threads", "1", "--captioner", robust,
-         "--related_prompts"]
+         "--related_prompts", "--train_flags", "--caption_loss_weight 0.5"]
     ))
     assert list(single["summary"]) == ["base", "@ 2"] and single["captioner"] == robust
     assert single["related"]["same objects, other order"]["prompts"] == ["a blue circle and a green triangle"]
     assert list(single["related"]["shares one object"]["summary"]) == ["base", "@ 2"]
     assert (single_dir / "finetune_prompts.txt").read_text() == "a green triangle and a blue circle\n" * 2
+    command = json.load(open(single_dir / "runs" / "caption_only" / "efficacy_command.json"))
+    assert command[-2:] == ["--caption_loss_weight", "0.5"] and "--no_fidelity_preservation" in command
+    with pytest.raises(SystemExit, match="train_comat.py failed .* fine-tune 'caption only'"):
+        single_prompt.run(single_prompt.parse_args(["--world_dir", str(tmp_path / "world"), "--output_dir", str(tmp_path / "bad"),
+                                                    "--quick", "--captioner", robust, "--train_flags", "--no_such_flag 1"]))
     assert os.path.getsize(single_dir / "single_prompt.png") > 1000 and "full prompt accuracy" in (single_dir / "results.md").read_text()
 
 
@@ -157,3 +162,11 @@ def test_single_prompt_probe_refuses_bad_flags_before_training(flags, named, cap
     with pytest.raises(SystemExit) as exit_info:
         single_prompt.parse_args(flags)
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_single_prompt_probe_names_a_missing_captioner_before_building_anything(tmp_path):
+    from benchmarks.efficacy import single_prompt
+
+    with pytest.raises(SystemExit, match="--captioner .*adversarial_captioner 32"):
+        single_prompt.run(single_prompt.parse_args(["--world_dir", str(tmp_path / "world"), "--output_dir", str(tmp_path / "out")]))
+    assert not (tmp_path / "world").exists() and not (tmp_path / "out").exists()

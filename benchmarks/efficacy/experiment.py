@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -147,7 +148,9 @@ def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=No
                OMP_NUM_THREADS=str(threads))
     logger.info(f"Fine-tuning '{name}': {' '.join(command[1:])}")
     start = time.perf_counter()
-    subprocess.run(command, env=env, cwd=REPO_ROOT, check=True)
+    returncode = subprocess.run(command, env=env, cwd=REPO_ROOT).returncode
+    if returncode:
+        raise SystemExit(f"train_comat.py failed (exit {returncode}) in the fine-tune '{name}'; its error is printed above.")
     with open(record, "w") as f:
         json.dump(command[1:], f)
     logger.info(f"'{name}' fine-tuned in {time.perf_counter() - start:.0f} s")
@@ -217,8 +220,8 @@ def run(args):
     checkpointing_steps = args.checkpointing_steps
     finetune_prompts = FINETUNE_PROMPT_SETS[args.finetune_prompts]
     run_dirs = {
-        name: finetune(name, RUNS[name], args.world_dir, args.output_dir, settings, args.threads, args.captioner,
-                       checkpointing_steps or 100000, prompts=finetune_prompts)
+        name: finetune(name, RUNS[name] + shlex.split(args.train_flags), args.world_dir, args.output_dir, settings, args.threads,
+                       args.captioner, checkpointing_steps or 100000, prompts=finetune_prompts)
         for name in runs
     }
     finetune_seconds = time.perf_counter() - start - world_seconds
@@ -264,7 +267,7 @@ def run(args):
         evaluation.score(seen_generations, scorer)
         finetune_prompt_summary = evaluation.summarize(seen_generations, baseline="base")
     results = dict(
-        recipe=recipe, settings=settings, captioner=args.captioner or os.path.join(args.world_dir, "blip"),
+        recipe=recipe, settings=settings, train_flags=args.train_flags, captioner=args.captioner or os.path.join(args.world_dir, "blip"),
         finetune_prompt_summary=finetune_prompt_summary, guidance_scale=GUIDANCE_SCALE, world=world_summary,
         evaluation_prompts=prompts, seeds=seeds, finetune_prompt_set=args.finetune_prompts, finetune_prompts=len(finetune_prompts),
         base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
@@ -302,6 +305,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="Threads of the fine-tunes.")
     parser.add_argument("--runs", default=None, help=f"Comma-separated fine-tunes to run (default: all of {', '.join(RUNS)}).")
     parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: WORLD_DIR/blip), e.g. WORLD_DIR/blip-adversarial from pretrain.py --adversarial_captioner.")
+    parser.add_argument("--train_flags", default="", help='More train_comat.py flags for every fine-tune, e.g. "--token_loss_weight 1 --pixel_loss_weight 0.05" (default: none; one flag alone: --train_flags=--FLAG).')
     parser.add_argument("--finetune_prompts", choices=list(FINETUNE_PROMPT_SETS), default="held-out-pairs", help="The fine-tunes' prompts: the 28 with a held-out pair (default), or those and the 42 two-object prompts of pretraining (with-seen-pairs).")
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Also evaluate each run's checkpoint every N steps (default: the final LoRA only).")
     parser.add_argument("--evaluate_finetune_prompts", action="store_true", help="Also measure accuracy on the two-object prompts the fine-tunes saw (in distribution).")

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import time
 
 from benchmarks.efficacy import experiment, world
@@ -51,15 +52,16 @@ def run(args):
 
     recipe = "quick" if args.quick else "full"
     settings = dict(experiment.SETTINGS[recipe], max_train_steps=args.max_train_steps if not args.quick else 2)
-    build_world(args.world_dir, recipe)
     captioner = args.captioner or os.path.join(args.world_dir, "blip-adversarial-32")
     if not os.path.isdir(captioner):
         raise SystemExit(f"--captioner {captioner} does not exist: build it with `python -m benchmarks.efficacy.pretrain "
                          f"--world_dir {args.world_dir} --adversarial_captioner 32 --adversarial_steps 600` or pass another.")
+    build_world(args.world_dir, recipe)
     start = time.perf_counter()
     prompts = [args.prompt] * settings["train_batch_size"]
-    run_dir = experiment.finetune(args.run, experiment.RUNS[args.run], args.world_dir, args.output_dir, settings,
-                                  args.threads, captioner, args.checkpointing_steps, prompts=prompts)
+    flags = experiment.RUNS[args.run] + shlex.split(args.train_flags)
+    run_dir = experiment.finetune(args.run, flags, args.world_dir, args.output_dir, settings, args.threads, captioner,
+                                  args.checkpointing_steps, prompts=prompts)
     finetune_seconds = time.perf_counter() - start
     models = {"base": None}
     for step in range(args.checkpointing_steps, settings["max_train_steps"], args.checkpointing_steps):
@@ -86,8 +88,8 @@ def run(args):
             evaluation.score(group_generations, experiment.WorldJudgeScorer())
             related[group] = dict(prompts=group_prompts, summary=evaluation.summarize(group_generations, baseline="base"))
             table += f"\n{group} ({len(group_prompts)} prompts × {len(seeds[:8])} seeds):\n\n" + markdown(related[group]["summary"])
-    results = dict(recipe=recipe, prompt=args.prompt, run=args.run, captioner=captioner, settings=settings, seeds=seeds,
-                   summary=summary, related=related, training_curves=experiment.training_curves(run_dir),
+    results = dict(recipe=recipe, prompt=args.prompt, run=args.run, train_flags=args.train_flags, captioner=captioner,
+                   settings=settings, seeds=seeds, summary=summary, related=related, training_curves=experiment.training_curves(run_dir),
                    seconds=dict(finetune=finetune_seconds, total=time.perf_counter() - start))
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -104,6 +106,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f'The one two-object world prompt (default: "{DEFAULT_PROMPT}").')
     parser.add_argument("--run", default="caption only", choices=list(experiment.RUNS), help="Which CoMat (default: caption only).")
     parser.add_argument("--captioner", default=None, help="Captioner (default: WORLD_DIR/blip-adversarial-32, from pretrain.py --adversarial_captioner 32).")
+    parser.add_argument("--train_flags", default="", help='More train_comat.py flags for the fine-tune, e.g. "--caption_loss_weight 0 --token_loss_weight 0.1" (default: none; one flag alone: --train_flags=--FLAG).')
     parser.add_argument("--max_train_steps", type=int, default=150, help="Fine-tune steps (default: 150).")
     parser.add_argument("--checkpointing_steps", type=int, default=50, help="Evaluate a checkpoint every N steps (default: 50).")
     parser.add_argument("--seeds", type=int, default=32, help="Evaluation seeds, from 100 (default: 32).")
