@@ -138,9 +138,6 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert (single_dir / "finetune_prompts.txt").read_text() == "a green triangle and a blue circle\n" * 2
     command = json.load(open(single_dir / "runs" / "caption_only" / "efficacy_command.json"))
     assert command[-2:] == ["--caption_loss_weight", "0.5"] and "--no_fidelity_preservation" in command
-    with pytest.raises(SystemExit, match="train_comat.py failed .* fine-tune 'caption only'"):
-        single_prompt.run(single_prompt.parse_args(["--world_dir", str(tmp_path / "world"), "--output_dir", str(tmp_path / "bad"),
-                                                    "--quick", "--captioner", robust, "--train_flags", "--no_such_flag 1"]))
     assert os.path.getsize(single_dir / "single_prompt.png") > 1000 and "full prompt accuracy" in (single_dir / "results.md").read_text()
 
 
@@ -170,3 +167,14 @@ def test_single_prompt_probe_names_a_missing_captioner_before_building_anything(
     with pytest.raises(SystemExit, match="--captioner .*adversarial_captioner 32"):
         single_prompt.run(single_prompt.parse_args(["--world_dir", str(tmp_path / "world"), "--output_dir", str(tmp_path / "out")]))
     assert not (tmp_path / "world").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_failed_fine_tune_exits_naming_it_and_records_nothing(tmp_path, monkeypatch):
+    import subprocess
+
+    from benchmarks.efficacy import experiment
+
+    monkeypatch.setattr(experiment.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 2))
+    with pytest.raises(SystemExit, match="train_comat.py failed \\(exit 2\\) in the fine-tune 'caption only'"):
+        experiment.finetune("caption only", ["--no_such_flag"], str(tmp_path / "world"), str(tmp_path / "out"), experiment.SETTINGS["quick"], 1)
+    assert not (tmp_path / "out" / "runs" / "caption_only" / "efficacy_command.json").exists()
