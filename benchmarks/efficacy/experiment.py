@@ -114,10 +114,10 @@ def frechet_distance(images, reference_images):
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross))
 
 
-def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=100000,
+def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=None,
              prompts=world.FINETUNE_PROMPTS):
     """One CoMat fine-tune on ``prompts`` through train_comat.py (reused when its LoRA exists for the same command
-    and prompts); ``captioner`` defaults to the world's."""
+    and prompts); ``captioner`` defaults to the world's; no ``checkpointing_steps``: no checkpoints."""
     run_dir = os.path.join(output_dir, "runs", name.replace(" ", "_").replace("+", "plus"))
     prompts_file = os.path.join(output_dir, "finetune_prompts.txt")
     command = [
@@ -132,7 +132,7 @@ def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=No
         "--guidance_scale", str(GUIDANCE_SCALE), "--learning_rate", str(settings["learning_rate"]),
         "--discriminator_learning_rate", str(settings["discriminator_learning_rate"]),
         "--caption_loss_reduction", settings["caption_loss_reduction"],
-        "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", str(checkpointing_steps), "--report_to", "tensorboard",
+        "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", str(checkpointing_steps or 100000), "--report_to", "tensorboard",
         "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), "--seed", "0", "--overwrite_output_dir", *flags,
     ]
     record = os.path.join(run_dir, "efficacy_command.json")
@@ -155,6 +155,12 @@ def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=No
         json.dump(command[1:], f)
     logger.info(f"'{name}' fine-tuned in {time.perf_counter() - start:.0f} s")
     return run_dir
+
+
+def lora_by_step(run_dir, checkpointing_steps, max_train_steps):
+    """A fine-tune's LoRA folders by step: a checkpoint every ``checkpointing_steps`` (if any), then the final LoRA."""
+    steps = range(checkpointing_steps, max_train_steps, checkpointing_steps) if checkpointing_steps else []
+    return {**{step: os.path.join(run_dir, f"checkpoint-{step}") for step in steps}, max_train_steps: run_dir}
 
 
 def training_curves(run_dir, window=20):
@@ -217,20 +223,17 @@ def run(args):
     world_summary = build_world(args.world_dir, recipe)
     world_seconds = time.perf_counter() - start
     runs = args.runs.split(",") if args.runs else list(RUNS)
-    checkpointing_steps = args.checkpointing_steps
     finetune_prompts = FINETUNE_PROMPT_SETS[args.finetune_prompts]
     run_dirs = {
         name: finetune(name, RUNS[name] + shlex.split(args.train_flags), args.world_dir, args.output_dir, settings, args.threads,
-                       args.captioner, checkpointing_steps or 100000, prompts=finetune_prompts)
+                       args.captioner, args.checkpointing_steps, prompts=finetune_prompts)
         for name in runs
     }
     finetune_seconds = time.perf_counter() - start - world_seconds
     models = {"base": None}
-    for name, run_dir in run_dirs.items():
-        if checkpointing_steps:  # the run's earlier checkpoints, as models of their own
-            for step in range(checkpointing_steps, settings["max_train_steps"], checkpointing_steps):
-                models[f"{name} @ {step}"] = os.path.join(run_dir, f"checkpoint-{step}")
-        models[name] = run_dir
+    for name, run_dir in run_dirs.items():  # the run's earlier checkpoints are models of their own
+        for step, lora in lora_by_step(run_dir, args.checkpointing_steps, settings["max_train_steps"]).items():
+            models[name if step == settings["max_train_steps"] else f"{name} @ {step}"] = lora
     shown_run = "full CoMat" if "full CoMat" in run_dirs else runs[-1]
 
     pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(args.world_dir, "sd"), safety_checker=None)

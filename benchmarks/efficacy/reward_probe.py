@@ -67,8 +67,9 @@ def probe(world_dir, captioner, seeds=3, steps=60, learning_rate=0.01, reduction
     scorer = CaptionScorer.from_pretrained(captioner)
     vae = pipeline.vae.requires_grad_(False)
     source = world.EVALUATION_PROMPTS if prompt_set == "evaluation" else world.FINETUNE_PROMPTS
-    prompts = [p for p in source if world.swapped_prompt(p) != p for _ in range(seeds)]
-    seed_list = [s for p in source if world.swapped_prompt(p) != p for s in range(seeds)]
+    distinct_colors = [p for p in source if world.swapped_prompt(p) != p]
+    prompts = [p for p in distinct_colors for _ in range(seeds)]
+    seed_list = [s for _ in distinct_colors for s in range(seeds)]
     latents = pipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seed_list], output_type="latent",
                        num_inference_steps=20, guidance_scale=7.5).images
     with torch.no_grad():

@@ -63,10 +63,8 @@ def run(args):
     run_dir = experiment.finetune(args.run, flags, args.world_dir, args.output_dir, settings, args.threads, captioner,
                                   args.checkpointing_steps, prompts=prompts)
     finetune_seconds = time.perf_counter() - start
-    models = {"base": None}
-    for step in range(args.checkpointing_steps, settings["max_train_steps"], args.checkpointing_steps):
-        models[f"@ {step}"] = os.path.join(run_dir, f"checkpoint-{step}")
-    models[f"@ {settings['max_train_steps']}"] = run_dir
+    models = {"base": None, **{f"@ {step}": lora for step, lora in
+                               experiment.lora_by_step(run_dir, args.checkpointing_steps, settings["max_train_steps"]).items()}}
 
     pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(args.world_dir, "sd"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
