@@ -152,13 +152,26 @@ def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
 
 
 @pytest.mark.parametrize("flags, named", [(["--prompt", "a red circle"], "--prompt"), (["--prompt", "a pink circle and a red square"], "--prompt"),
-                                          (["--max_train_steps", "0"], "--max_train_steps")])
+                                          (["--max_train_steps", "0"], "--max_train_steps"),
+                                          (["--train_flags", "--hub_token hf_secret"], "--train_flags"),
+                                          (["--train_flags=--token=hf_secret"], "--train_flags"),
+                                          (["--train_flags", "--validation_prompt 'a cat"], "--train_flags")])
 def test_single_prompt_probe_refuses_bad_flags_before_training(flags, named, capsys):
     from benchmarks.efficacy import single_prompt
 
     with pytest.raises(SystemExit) as exit_info:
         single_prompt.parse_args(flags)
-    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in error and "hf_secret" not in error
+
+
+def test_experiment_refuses_a_token_in_train_flags(capsys):
+    from benchmarks.efficacy import experiment
+
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.parse_args(["--train_flags", "--hub_token hf_secret"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--train_flags" in error and "hf_secret" not in error
 
 
 def test_single_prompt_probe_names_a_missing_captioner_before_building_anything(tmp_path):

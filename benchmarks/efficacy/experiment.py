@@ -157,6 +157,19 @@ def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=No
     return run_dir
 
 
+def check_train_flags(parser, train_flags):
+    """Refuses ``--train_flags`` that cannot be split or that carry a Hub token: the fine-tune's command is logged and
+    recorded (train_comat.py refuses the token too, but only after it was printed here)."""
+    from utils.hub import SECRET_ARG_NAMES, TOKEN_ON_COMMAND_LINE
+
+    try:
+        flags = shlex.split(train_flags)
+    except ValueError as error:
+        parser.error(f"--train_flags cannot be split into flags ({error}): close its quotes.")
+    if any(flag.split("=")[0].lstrip("-") in SECRET_ARG_NAMES for flag in flags):
+        parser.error(f"--train_flags: a token {TOKEN_ON_COMMAND_LINE}")
+
+
 def lora_by_step(run_dir, checkpointing_steps, max_train_steps):
     """A fine-tune's LoRA folders by step: a checkpoint every ``checkpointing_steps`` (if any), then the final LoRA."""
     steps = range(checkpointing_steps, max_train_steps, checkpointing_steps) if checkpointing_steps else []
@@ -313,6 +326,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Also evaluate each run's checkpoint every N steps (default: the final LoRA only).")
     parser.add_argument("--evaluate_finetune_prompts", action="store_true", help="Also measure accuracy on the two-object prompts the fine-tunes saw (in distribution).")
     args = parser.parse_args(argv)
+    check_train_flags(parser, args.train_flags)
     unknown = [name for name in (args.runs or "").split(",") if name and name not in RUNS]
     if unknown:
         parser.error(f"--runs: no run {', '.join(map(repr, unknown))}; choose from {', '.join(RUNS)}.")

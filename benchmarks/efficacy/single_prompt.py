@@ -118,6 +118,7 @@ def parse_args(argv=None):
         objects = []
     if len(objects) != 2 or any(o.color not in world.COLORS or o.shape not in world.SHAPES for o in objects):
         parser.error(f'--prompt "{args.prompt}" is not a two-object world prompt such as "{DEFAULT_PROMPT}".')
+    experiment.check_train_flags(parser, args.train_flags)
     if args.max_train_steps < 1 or args.checkpointing_steps < 1 or args.seeds < 1:
         parser.error("--max_train_steps, --checkpointing_steps and --seeds must be at least 1.")
     return args
