@@ -26,7 +26,7 @@ def sdxl_family(tiny_paths, tmp_path_factory):
 def test_sdxl_conditioning_matches_the_stock_pipeline(sdxl_family, tiny_paths):
     from diffusers import StableDiffusionXLPipeline
 
-    _, family = sdxl_family
+    args, family = sdxl_family
     kwargs = family.unet_kwargs(["a red book", "a blue cup"])
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_paths["sdxl"])
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
@@ -34,7 +34,8 @@ def test_sdxl_conditioning_matches_the_stock_pipeline(sdxl_family, tiny_paths):
     )
     torch.testing.assert_close(kwargs["encoder_hidden_states"], torch.cat([negative_embeds, prompt_embeds]))
     torch.testing.assert_close(kwargs["added_cond_kwargs"]["text_embeds"], torch.cat([negative_pooled, pooled]))
-    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 4
+    size = args.resolution
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[size, size, 0, 0, size, size]] * 4
 
 
 def test_discriminator_is_built_from_the_sdxl_unet(sdxl_family):

@@ -38,7 +38,7 @@ CAPTION_PREFIX = "a photography of"
 RECIPES = {
     # steps and sizes; "quick" checks the mechanics in the test suite in seconds (its models are not useful).
     "full": dict(vae_steps=500, vae_batch_size=32, unet_steps=2200, captioner_steps=1500, batch_size=64, dataset_size=24000, check_images=500),
-    "quick": dict(vae_steps=20, vae_batch_size=16, unet_steps=20, captioner_steps=20, batch_size=16, dataset_size=256, check_images=32),
+    "quick": dict(vae_steps=4, vae_batch_size=8, unet_steps=4, captioner_steps=4, batch_size=8, dataset_size=64, check_images=8),
 }
 GENERATOR_SETTINGS = ("vae_steps", "vae_batch_size", "unet_steps", "batch_size", "dataset_size", "check_images")
 CAPTIONER_SETTINGS = ("captioner_steps", "batch_size", "dataset_size", "check_images")
