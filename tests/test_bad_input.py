@@ -50,6 +50,7 @@ def test_bad_flags(tiny_paths, tmp_path, overrides, message):
     ({"resolution": 100}, "--resolution 100 is not a multiple of 8"),
     ({"num_grad_steps": 5, "num_inference_steps": 4}, "--num_grad_steps 5 must be between 1 and --num_inference_steps"),
     ({"segmenter": "my_segmenter"}, "--segmenter my_segmenter: give MODULE:NAME"),
+    ({"caption_scorer": "my_scorer"}, "--caption_scorer my_scorer: give MODULE:NAME"),
 ])
 def test_bad_flag_values_are_refused_by_the_parser(tiny_paths, tmp_path, capsys, overrides, message):
     """The checks of parse_args (the script's first step): the message alone, exit code 2, before anything loads."""

@@ -85,6 +85,26 @@ def test_shape_segmenter_masks_each_queried_object():
     assert masks[1, :, :16].sum() > 50 and masks[2].sum() == 0
 
 
+def test_color_oracle_scores_binding_exactly_and_its_gradient_recolours_the_named_shape():
+    objects = [world.WorldObject("red", "square"), world.WorldObject("blue", "circle")]
+    image = torch.tensor(world.render(objects, np.random.default_rng(0)), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    oracle = world.load_color_oracle(None, torch.float32)
+    assert oracle.loss(image, ["a red square and a blue circle"]) == 0
+    swapped = image.clone().requires_grad_(True)
+    loss = oracle.loss(swapped, ["a blue square and a red circle"], reduction="sum")
+    assert loss > 1  # both shapes, each about one squared RGB unit from its named colour
+    loss.backward()
+    step = (swapped - 0.05 * swapped.grad).detach()
+    assert oracle.loss(step, ["a blue square and a red circle"], reduction="sum") < loss
+    square = torch.from_numpy(world.parse_image(world.render(objects[:1], np.random.default_rng(0)))[0].pixels)
+    assert swapped.grad[0, 2][square].mean() < 0 < swapped.grad[0, 0][square].mean()  # the square: towards blue
+    missing = image.clone().requires_grad_(True)
+    loss = oracle.loss(missing, ["a red triangle and a blue circle"])  # no triangle: the fixed cost, no gradient
+    assert loss == world.MISSING_OBJECT_LOSS / 2
+    loss.backward()
+    assert missing.grad.abs().sum() == 0
+
+
 def test_bootstrap_and_paired_summary():
     mean, low, high = evaluation.bootstrap_ci([0.0, 1.0] * 50)
     assert mean == 0.5 and low < 0.5 < high and high - low < 0.25

@@ -336,16 +336,31 @@ def test_prepare_reference_latents_only_fills_the_cache_and_trains_nothing(tiny_
     assert exit_info.value.code == 2 and "--prepare_reference_latents_only" in capsys.readouterr().err
 
 
-# ---- Another segmenter ---------------------------------------------------------------------------------
+# ---- Another segmenter and caption scorer --------------------------------------------------------------
 
 
-def test_a_segmenter_named_by_flag_replaces_grounded_sam(tiny_paths, tmp_path):
-    log = tmp_path / "segmenter.log"
+def test_a_segmenter_and_a_caption_scorer_named_by_flag_replace_grounded_sam_and_blip(tiny_paths, tmp_path):
+    log = tmp_path / "plugins.log"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red traffic light and a blue cup\n")
+    output_dir = tmp_path / "out"
     run_script("python", "train_comat.py", tiny_args(
-        tiny_paths, str(tmp_path / "out"), train_data=str(prompts), train_batch_size=1, max_train_steps=1,
-        no_fidelity_preservation=True, segmenter="tests.workers.recording_segmenter:load",
+        tiny_paths, str(output_dir), train_data=str(prompts), train_batch_size=1, max_train_steps=1,
+        no_fidelity_preservation=True, segmenter="tests.workers.recording_plugins:load",
+        caption_scorer="tests.workers.recording_plugins:load_caption_scorer", caption_loss_reduction="sum",
+        token_loss_weight=0, pixel_loss_weight=0,  # the LoRA moves by the scorer's gradient alone
         grounding_model_name_or_path="/nonexistent", sam_model_name_or_path="/nonexistent",  # never loaded
-    ), extra_env={"RECORDING_SEGMENTER_LOG": str(log)})
-    assert log.read_text().splitlines() == ["[['traffic light', 'cup']]"]
+        caption_model_name_or_path="/nonexistent",
+    ), extra_env={"RECORDING_PLUGIN_LOG": str(log)})
+    assert log.read_text().splitlines() == [
+        "segmenter [['traffic light', 'cup']]", "caption_scorer ['a red traffic light and a blue cup'] sum",
+    ]
+    lora = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_a_caption_scorer_that_cannot_be_imported_is_named():
+    from utils.concept_matching import load_caption_scorer
+
+    with pytest.raises(ValueError, match="--caption_scorer no_such_module:load: cannot import 'load'.*NAME\\(args, dtype\\)"):
+        load_caption_scorer(types.SimpleNamespace(caption_scorer="no_such_module:load"), torch.float32)

@@ -25,10 +25,27 @@ import torch
 import torch.nn.functional as F
 
 from .differentiable_sampling import check_unit_range
-from .model_loading import load_pretrained
+from .model_loading import import_factory, load_pretrained
 
 CAPTION_REDUCTIONS = ("mean", "sum")
 LABEL_SMOOTHING = 0.1
+
+
+def load_caption_scorer(args, dtype):
+    """The scorer of Concept Matching: the BLIP captioner of ``--caption_model_name_or_path`` (the default), or what
+    ``--caption_scorer MODULE:NAME`` names.
+
+    A caption scorer is any object with ``to(device)`` and ``loss(images, prompts, reduction, crop_generator,
+    max_crop)`` that returns a scalar fp32 loss, differentiable in ``images`` ``[B, 3, H, W]`` in [0, 1], lower when
+    the images show their prompts better (``reduction``: ``--caption_loss_reduction``; ``crop_generator`` and
+    ``max_crop``: the recipe's random crop, free to ignore). ``--caption_scorer`` names a factory ``NAME(args,
+    dtype)`` in an importable ``MODULE`` that returns one; :class:`CaptionScorer` is the default's.
+    """
+    if args.caption_scorer is None:
+        return CaptionScorer.from_pretrained(
+            args.caption_model_name_or_path, prefix=args.caption_prefix, dtype=dtype, cache_dir=args.cache_dir
+        )
+    return import_factory("--caption_scorer", args.caption_scorer, "NAME(args, dtype)")(args, dtype)
 
 
 class CaptionScorer:

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoProcessor, GroundingDinoForObjectDetect
 from transformers.image_transforms import get_size_with_aspect_ratio
 
 from .differentiable_sampling import check_unit_range
+from .model_loading import import_factory
 
 SAM_BOXES_PER_CALL = 64
 
@@ -272,21 +273,12 @@ def load_segmenter(args, device):
     ``--segmenter`` names a factory ``NAME(args, device)`` in an importable ``MODULE`` that returns one;
     :class:`GroundedSegmenter` is the default's.
     """
-    import importlib
-
     if args.segmenter is None:
         return GroundedSegmenter.from_pretrained(
             args.grounding_model_name_or_path, args.sam_model_name_or_path, box_threshold=args.box_threshold,
             text_threshold=args.text_threshold, device=device, cache_dir=args.cache_dir,
         )
-    module_name, _, factory_name = args.segmenter.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"--segmenter {args.segmenter}: cannot import {factory_name!r} from module {module_name!r} ({error}). "
-            f"Give MODULE:NAME of a factory NAME(args, device) that Python can import (the module on PYTHONPATH)."
-        ) from error
+    factory = import_factory("--segmenter", args.segmenter, "NAME(args, device)")
     return factory(args, device)
 
 

@@ -91,3 +91,18 @@ SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgP
 def is_sdxl_checkpoint(model_index):
     """SDXL checkpoints have a second text encoder; SD 1.x/2.x ones do not."""
     return model_index.get("_class_name") in SDXL_PIPELINE_CLASSES or "text_encoder_2" in model_index
+
+
+def import_factory(flag, spec, signature):
+    """The factory that ``--flag MODULE:NAME`` names (a user's replacement for a built-in model), imported; a bad
+    name ends in a message that names the flag and the ``signature`` the factory must have."""
+    import importlib
+
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"{flag} {spec}: cannot import {factory_name!r} from module {module_name!r} ({error}). "
+            f"Give MODULE:NAME of a factory {signature} that Python can import (the module on PYTHONPATH)."
+        ) from error

@@ -124,6 +124,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
 
     concept = parser.add_argument_group("Concept Matching")
     concept.add_argument("--caption_model_name_or_path", type=str, default="Salesforce/blip-image-captioning-large", help="Frozen BLIP captioner that scores the prompt given the image.")
+    concept.add_argument("--caption_scorer", type=str, default=None, help="Another Concept Matching scorer instead of the BLIP captioner: MODULE:NAME of a factory NAME(args, dtype) returning an object with to(device) and loss(images [B,3,H,W] in [0,1], prompts, reduction, crop_generator, max_crop) -> scalar loss (see utils/concept_matching.load_caption_scorer). Default: the captioner of --caption_model_name_or_path.")
     concept.add_argument("--caption_prefix", type=str, default="a photography of", help="Text put before the prompt; its tokens are not scored.")
     concept.add_argument("--caption_loss_weight", type=float, default=1.0, help="Weight of the caption loss.")
     concept.add_argument("--caption_loss_reduction", type=str, default="mean", choices=["mean", "sum"], help="'mean': label-smoothed token cross-entropy over the batch (recipe); 'sum': -sum log p per prompt (paper formula).")
@@ -185,6 +186,8 @@ def validate_args(args, parser):
         parser.error(f"--attention_loss_steps {args.attention_loss_steps} must be between 1 and --num_grad_steps ({args.num_grad_steps}), or pass --no_attribute_concentration.")
     if args.segmenter is not None and ":" not in args.segmenter:
         parser.error(f"--segmenter {args.segmenter}: give MODULE:NAME, e.g. benchmarks.efficacy.world:load_shape_segmenter.")
+    if args.caption_scorer is not None and ":" not in args.caption_scorer:
+        parser.error(f"--caption_scorer {args.caption_scorer}: give MODULE:NAME, e.g. benchmarks.efficacy.world:load_color_oracle.")
     if args.prepare_reference_latents_only and not args.fidelity_preservation:
         parser.error("--prepare_reference_latents_only fills the cache of Fidelity Preservation: drop --no_fidelity_preservation.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

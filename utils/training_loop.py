@@ -45,7 +45,7 @@ from .checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from .concept_matching import CaptionScorer
+from .concept_matching import load_caption_scorer
 from .differentiable_sampling import (
     decode_latents,
     make_sampling_scheduler,
@@ -285,9 +285,7 @@ class CoMatIteration:
 
         # ---- Models and modules --------------------------------------------------------------------
         family.load(args, self.weight_dtype)
-        self.caption_scorer = CaptionScorer.from_pretrained(
-            args.caption_model_name_or_path, prefix=args.caption_prefix, dtype=self.weight_dtype, cache_dir=args.cache_dir
-        )
+        self.caption_scorer = load_caption_scorer(args, self.weight_dtype)
         self.unet, self.vae = family.unet, family.vae
         for model in (self.unet, self.vae, *family.text_encoders):
             model.to(accelerator.device)

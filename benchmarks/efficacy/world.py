@@ -281,3 +281,46 @@ class ShapeSegmenter:
 def load_shape_segmenter(args, device):
     """The ``--segmenter`` factory of the shapes world (``benchmarks.efficacy.world:load_shape_segmenter``)."""
     return ShapeSegmenter()
+
+
+# ---- The exact colour reward (a control for the captioner) ---------------------------------------------
+
+MISSING_OBJECT_LOSS = 3.0  # the largest squared RGB distance in [0, 1]: no shape to colour is never better
+
+
+class ColorOracle:
+    """An exact, differentiable Concept Matching scorer for world prompts: per named object, the mean squared RGB
+    distance (in [0, 1]) of the pixels of its shape (the :class:`ShapeSegmenter`'s masks, detached) to its colour.
+
+    It knows binding exactly, so a CoMat run with it shows what the training loop does when the reward points the right
+    way — the control that separates the loop from the captioner. A named shape that is not drawn costs
+    ``MISSING_OBJECT_LOSS`` with no gradient (erasing a wrongly coloured shape must not pay), so this reward cannot add
+    missing objects. ``reduction``: "mean" over the batch's objects, "sum" over each image's objects then the mean
+    over images. ``crop_generator`` and ``max_crop`` are ignored.
+    """
+
+    def __init__(self):
+        self.segmenter = ShapeSegmenter()
+
+    def to(self, device):
+        return self
+
+    def loss(self, images, prompts, reduction="mean", crop_generator=None, max_crop=0):
+        objects = [objects_of(prompt) for prompt in prompts]
+        masks = self.segmenter(images, [[obj.shape for obj in image_objects] for image_objects in objects])
+        terms = []
+        for image, image_objects, image_masks in zip(images.float(), objects, masks, strict=True):
+            for obj, mask in zip(image_objects, image_masks, strict=True):
+                if mask.sum() == 0:
+                    terms.append(images.new_tensor(MISSING_OBJECT_LOSS, dtype=torch.float32))
+                    continue
+                target = torch.tensor(COLORS[obj.color], dtype=torch.float32, device=image.device).view(3, 1, 1) / 255
+                distance = ((image - target) ** 2).sum(dim=0)
+                terms.append((distance * mask).sum() / mask.sum())
+        terms = torch.stack(terms)
+        return terms.mean() if reduction == "mean" else terms.sum() / len(prompts)
+
+
+def load_color_oracle(args, dtype):
+    """The ``--caption_scorer`` factory of the exact colour reward (``benchmarks.efficacy.world:load_color_oracle``)."""
+    return ColorOracle()

@@ -1,0 +1,35 @@
+"""``--segmenter`` and ``--caption_scorer`` factories for the tests: each call adds a line to ``$RECORDING_PLUGIN_LOG``."""
+
+import os
+
+import torch
+
+
+def _record(line):
+    with open(os.environ["RECORDING_PLUGIN_LOG"], "a") as f:
+        f.write(line + "\n")
+
+
+class WholeImageSegmenter:
+    def __call__(self, images, queries_per_image):
+        _record(f"segmenter {queries_per_image!r}")
+        return [torch.ones(len(queries), *images.shape[-2:], device=images.device) for queries in queries_per_image]
+
+
+class BrightnessScorer:
+    """Lower for brighter images: a loss differentiable in the images."""
+
+    def to(self, device):
+        return self
+
+    def loss(self, images, prompts, reduction="mean", crop_generator=None, max_crop=0):
+        _record(f"caption_scorer {list(prompts)!r} {reduction}")
+        return 1 - images.float().mean()
+
+
+def load(args, device):
+    return WholeImageSegmenter()
+
+
+def load_caption_scorer(args, dtype):
+    return BrightnessScorer()
