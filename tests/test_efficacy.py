@@ -150,14 +150,17 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     single_dir = tmp_path / "single"
     single = single_prompt.run(single_prompt.parse_args(
         ["--world_dir", str(tmp_path / "world"), "--output_dir", str(single_dir), "--quick", "--threads", "1", "--captioner", robust,
-         "--related_prompts", "--train_flags", "--caption_loss_weight 0.5"]
+         "--related_prompts", "--train_flags", "--caption_loss_weight 0.5 --caption_scorer benchmarks.efficacy.world:load_color_oracle"]
     ))
     assert list(single["summary"]) == ["base", "@ 2"] and single["captioner"] == robust
     assert single["related"]["same objects, other order"]["prompts"] == ["a blue circle and a green triangle"]
     assert list(single["related"]["shares one object"]["summary"]) == ["base", "@ 2"]
     assert (single_dir / "finetune_prompts.txt").read_text() == "a green triangle and a blue circle\n" * 2
     command = json.load(open(single_dir / "runs" / "caption_only" / "efficacy_command.json"))
-    assert command[-2:] == ["--caption_loss_weight", "0.5"] and "--no_fidelity_preservation" in command
+    assert command[-4:] == ["--caption_loss_weight", "0.5", "--caption_scorer", "benchmarks.efficacy.world:load_color_oracle"]
+    assert "--no_fidelity_preservation" in command
+    # The exact colour reward, not the captioner, made the caption loss: at most MISSING_OBJECT_LOSS per object.
+    assert 0 <= experiment.training_curves(str(single_dir / "runs" / "caption_only"))["caption_loss"]["first"] <= world.MISSING_OBJECT_LOSS
     assert os.path.getsize(single_dir / "single_prompt.png") > 1000 and "full prompt accuracy" in (single_dir / "results.md").read_text()
 
 

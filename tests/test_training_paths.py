@@ -359,6 +359,13 @@ def test_a_segmenter_and_a_caption_scorer_named_by_flag_replace_grounded_sam_and
     assert any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k or "lora.up" in k)
 
 
+def test_a_caption_scorer_whose_loss_is_not_connected_to_the_images_is_refused(tiny_paths, tmp_path):
+    comat = build_iteration(tiny_paths, str(tmp_path), caption_scorer="tests.workers.recording_plugins:load_constant_scorer",
+                            no_attribute_concentration=True, no_fidelity_preservation=True, num_inference_steps=2, num_grad_steps=1)
+    with pytest.raises(RuntimeError, match="recording_plugins:load_constant_scorer.*not connected to the images"):
+        comat.micro_step(PROMPTS, 0)
+
+
 def test_a_caption_scorer_that_cannot_be_imported_is_named():
     from utils.concept_matching import load_caption_scorer
 

@@ -38,7 +38,8 @@ def load_caption_scorer(args, dtype):
     A caption scorer is any object with ``to(device)`` and ``loss(images, prompts, reduction, crop_generator,
     max_crop)`` that returns a scalar fp32 loss, differentiable in ``images`` ``[B, 3, H, W]`` in [0, 1], lower when
     the images show their prompts better (``reduction``: ``--caption_loss_reduction``; ``crop_generator`` and
-    ``max_crop``: the recipe's random crop, free to ignore). ``--caption_scorer`` names a factory ``NAME(args,
+    ``max_crop``: the recipe's random crop, free to ignore). The loss must stay connected to the images even where it
+    has no signal (add ``0 * images.sum()``): training refuses one that is not. ``--caption_scorer`` names a factory ``NAME(args,
     dtype)`` in an importable ``MODULE`` that returns one; :class:`CaptionScorer` is the default's.
     """
     if args.caption_scorer is None:

@@ -428,6 +428,12 @@ class CoMatIteration:
                 masks = self.attribute_concentration.masks(images, batch_prompts)
         with timer.phase("captioner"):
             caption_loss = self.caption_scorer.loss(images, batch_prompts, args.caption_loss_reduction, generator, self.max_crop)
+        if not caption_loss.requires_grad:
+            raise RuntimeError(
+                f"The caption scorer ({args.caption_scorer or args.caption_model_name_or_path}) returned a loss that is not "
+                "connected to the images, so the generator cannot be trained. A --caption_scorer must keep its loss "
+                "differentiable in the images even where it has no signal, e.g. by adding 0 * images.sum()."
+            )
         losses = {"caption_loss": caption_loss}
         loss = args.caption_loss_weight * caption_loss
         if self.attribute_concentration is not None:

@@ -312,7 +312,7 @@ class ColorOracle:
         for image, image_objects, image_masks in zip(images.float(), objects, masks, strict=True):
             for obj, mask in zip(image_objects, image_masks, strict=True):
                 if mask.sum() == 0:
-                    terms.append(images.new_tensor(MISSING_OBJECT_LOSS, dtype=torch.float32))
+                    terms.append(image.sum() * 0 + MISSING_OBJECT_LOSS)  # in the graph, without a gradient
                     continue
                 target = torch.tensor(COLORS[obj.color], dtype=torch.float32, device=image.device).view(3, 1, 1) / 255
                 distance = ((image - target) ** 2).sum(dim=0)

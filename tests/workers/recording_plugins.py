@@ -27,9 +27,23 @@ class BrightnessScorer:
         return 1 - images.float().mean()
 
 
+class ConstantScorer:
+    """A loss that is not connected to the images: training must refuse it."""
+
+    def to(self, device):
+        return self
+
+    def loss(self, images, prompts, reduction="mean", crop_generator=None, max_crop=0):
+        return torch.tensor(1.0)
+
+
 def load(args, device):
     return WholeImageSegmenter()
 
 
 def load_caption_scorer(args, dtype):
     return BrightnessScorer()
+
+
+def load_constant_scorer(args, dtype):
+    return ConstantScorer()
