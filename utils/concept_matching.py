@@ -39,8 +39,8 @@ def load_caption_scorer(args, dtype):
     max_crop)`` that returns a scalar fp32 loss, differentiable in ``images`` ``[B, 3, H, W]`` in [0, 1], lower when
     the images show their prompts better (``reduction``: ``--caption_loss_reduction``; ``crop_generator`` and
     ``max_crop``: the recipe's random crop, free to ignore). The loss must stay connected to the images even where it
-    has no signal (add ``0 * images.sum()``): training refuses one that is not. ``--caption_scorer`` names a factory ``NAME(args,
-    dtype)`` in an importable ``MODULE`` that returns one; :class:`CaptionScorer` is the default's.
+    has no signal (add ``0 * images.sum()``): training refuses one that is not. ``--caption_scorer`` names a factory
+    ``NAME(args, dtype)`` in an importable ``MODULE`` that returns one; :class:`CaptionScorer` is the default's.
     """
     if args.caption_scorer is None:
         return CaptionScorer.from_pretrained(
