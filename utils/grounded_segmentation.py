@@ -278,8 +278,7 @@ def load_segmenter(args, device):
             args.grounding_model_name_or_path, args.sam_model_name_or_path, box_threshold=args.box_threshold,
             text_threshold=args.text_threshold, device=device, cache_dir=args.cache_dir,
         )
-    factory = import_factory("--segmenter", args.segmenter, "NAME(args, device)")
-    return factory(args, device)
+    return import_factory("--segmenter", args.segmenter, "NAME(args, device)")(args, device)
 
 
 class GroundedSegmenter:

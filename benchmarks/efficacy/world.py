@@ -301,6 +301,7 @@ class ColorOracle:
 
     def __init__(self):
         self.segmenter = ShapeSegmenter()
+        self.targets = {name: torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1) / 255 for name, rgb in COLORS.items()}
 
     def to(self, device):
         return self
@@ -314,8 +315,7 @@ class ColorOracle:
                 if mask.sum() == 0:
                     terms.append(image.sum() * 0 + MISSING_OBJECT_LOSS)  # in the graph, without a gradient
                     continue
-                target = torch.tensor(COLORS[obj.color], dtype=torch.float32, device=image.device).view(3, 1, 1) / 255
-                distance = ((image - target) ** 2).sum(dim=0)
+                distance = ((image - self.targets[obj.color].to(image.device)) ** 2).sum(dim=0)
                 terms.append((distance * mask).sum() / mask.sum())
         terms = torch.stack(terms)
         return terms.mean() if reduction == "mean" else terms.sum() / len(prompts)
