@@ -165,8 +165,7 @@ def test_half_precision_training_run_with_accumulation(precision, tiny_paths, tm
 
     output_dir = tmp_path / precision
     run_script("python", "train_comat.py", tiny_args(
-        # 32 px: the precision paths do not depend on the size, and fp16 matmuls are slow on CPU.
-        tiny_paths, str(output_dir), mixed_precision=precision, gradient_accumulation_steps=2, train_batch_size=1, resolution=32,
+        tiny_paths, str(output_dir), mixed_precision=precision, gradient_accumulation_steps=2, train_batch_size=1,
         num_inference_steps=2, num_grad_steps=1, attention_loss_steps=1, max_train_steps=2, checkpointing_steps=1,
         gradient_checkpointing=True, report_to="tensorboard",
         eval_prompts="builtin:color", eval_steps=2, eval_num_prompts=1, blip_vqa_model=tiny_paths["blip_vqa"],
@@ -357,6 +356,21 @@ def test_a_segmenter_and_a_caption_scorer_named_by_flag_replace_grounded_sam_and
     ]
     lora = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k or "lora.up" in k)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_caption_scorer_named_by_flag_trains_in_half_precision_with_accumulation(precision, tiny_paths, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECORDING_PLUGIN_LOG", str(tmp_path / "plugins.log"))
+    comat = build_iteration(tiny_paths, str(tmp_path), caption_scorer="tests.workers.recording_plugins:load_caption_scorer",
+                            mixed_precision=precision, gradient_accumulation_steps=2, train_batch_size=1, num_inference_steps=2,
+                            num_grad_steps=1, no_attribute_concentration=True, no_fidelity_preservation=True)
+    assert comat.caption_scorer.dtype == comat.weight_dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    for micro_step in range(2):
+        _, finite = comat.micro_step(PROMPTS[:1], micro_step)
+        assert finite
+    gradients = [p.grad for p in comat.lora_parameters if p.grad is not None]
+    assert gradients and all(torch.isfinite(g).all() for g in gradients) and any(g.abs().sum() > 0 for g in gradients)
+    assert len((tmp_path / "plugins.log").read_text().splitlines()) == 2
 
 
 def test_a_caption_scorer_whose_loss_is_not_connected_to_the_images_is_refused(tiny_paths, tmp_path):

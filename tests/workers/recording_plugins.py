@@ -19,6 +19,9 @@ class WholeImageSegmenter:
 class BrightnessScorer:
     """Lower for brighter images: a loss differentiable in the images."""
 
+    def __init__(self, dtype):
+        self.dtype = dtype  # the run's weight dtype, as the factory got it
+
     def to(self, device):
         return self
 
@@ -42,7 +45,7 @@ def load(args, device):
 
 
 def load_caption_scorer(args, dtype):
-    return BrightnessScorer()
+    return BrightnessScorer(dtype)
 
 
 def load_constant_scorer(args, dtype):
