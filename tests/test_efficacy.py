@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from benchmarks.efficacy import world
 from utils import evaluation
@@ -105,6 +106,21 @@ def test_color_oracle_scores_binding_exactly_and_its_gradient_recolours_the_name
     assert missing.grad.abs().sum() == 0
 
 
+def test_scene_oracle_prefers_the_true_scene_and_its_gradient_draws_missing_objects():
+    prompt = "a red square and a blue circle"
+    image = torch.tensor(world.render(world.objects_of(prompt), np.random.default_rng(0)), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    oracle = world.load_scene_oracle(None, torch.float32)
+    true_loss = oracle.loss(image, [prompt])
+    assert true_loss < 0.5 < 1 < oracle.loss(image, [world.swapped_prompt(prompt)])
+    blank = torch.full_like(image, world.BACKGROUND[0] / 255).requires_grad_(True)
+    loss = oracle.loss(blank, [prompt])
+    loss.backward()
+    left_half, right_half = blank.grad[0, :, :, :16], blank.grad[0, :, :, 16:]
+    # Where a red square belongs (left), the gradient lowers green and blue; where a blue circle belongs, red and green.
+    assert left_half[1:].sum() > 0 and right_half[:2].sum() > 0
+    assert oracle.loss((blank - 0.05 * blank.grad / blank.grad.abs().max()).detach(), [prompt]) < loss
+
+
 def test_bootstrap_and_paired_summary():
     mean, low, high = evaluation.bootstrap_ci([0.0, 1.0] * 50)
     assert mean == 0.5 and low < 0.5 < high and high - low < 0.25
@@ -162,6 +178,16 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     # The exact colour reward, not the captioner, made the caption loss: at most MISSING_OBJECT_LOSS per object.
     assert 0 <= experiment.training_curves(str(single_dir / "runs" / "caption_only"))["caption_loss"]["first"] <= world.MISSING_OBJECT_LOSS
     assert os.path.getsize(single_dir / "single_prompt.png") > 1000 and "full prompt accuracy" in (single_dir / "results.md").read_text()
+
+    from benchmarks.efficacy import supervised_control
+
+    supervised_dir = tmp_path / "supervised"
+    supervised = supervised_control.run(supervised_control.parse_args(
+        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(supervised_dir), "--quick"]))
+    assert list(supervised["held-out"]["summary"]) == ["base", "supervised @ 2"]
+    assert supervised["fine-tune"]["prompts"] == world.FINETUNE_PROMPTS[:2]
+    lora = load_file(str(supervised_dir / "lora-2" / "pytorch_lora_weights.safetensors"))
+    assert any(("lora_B" in key or "lora.up" in key) and tensor.abs().sum() > 0 for key, tensor in lora.items())
 
 
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():

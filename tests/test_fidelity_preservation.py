@@ -179,6 +179,28 @@ def test_generator_step_sends_gradient_to_generator_lora_only():
     assert _adapter_state(unet) == state
 
 
+def test_a_generator_step_on_the_adversarial_loss_makes_the_fakes_look_more_real_to_the_frozen_discriminator():
+    # The sign of the whole path: generator LoRA -> fake latents -> D (its own adapter) -> L_adv_G -> back. Measured on
+    # D's logits, not on the loss itself (any loss falls along its own gradient).
+    unet = _generator_unet()
+    discriminator = UNetDiscriminator.from_unet(unet, rank=4)
+    _randomize_lora_b(unet, "discriminator", seed=3)
+    noise, empty = _latents(2, 0.0, seed=0, std=1.0), _empty_prompt_embedding(2)
+
+    def fake_logits():
+        return discriminator(unet(noise, 500, encoder_hidden_states=empty).sample, LAST_TIMESTEP, empty)
+
+    logits_before = fake_logits()
+    generator_adversarial_loss(logits_before).backward()
+    generator_lora = list(_lora_parameters(unet, "default").values())
+    gradient_norm = torch.sqrt(sum((param.grad**2).sum() for param in generator_lora))
+    with torch.no_grad():
+        for param in generator_lora:
+            param -= 1e-2 * param.grad / gradient_norm
+        logits_after = fake_logits()
+    assert logits_after.mean() > logits_before.mean() + 1e-4, (logits_before.mean().item(), logits_after.mean().item())
+
+
 def test_discriminator_step_updates_discriminator_and_leaves_generator_lora_unchanged():
     unet = _generator_unet()
     discriminator = UNetDiscriminator.from_unet(unet, rank=4)
