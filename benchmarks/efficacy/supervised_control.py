@@ -1,8 +1,8 @@
 """The supervised control: what can training on the fine-tune prompts teach the held-out ones at all?
 
 CoMat trains on its own samples of the fine-tune prompts, pulled by a reward. The best any reward could do is pull
-them towards the world's true scenes of those prompts. This script trains that directly: a LoRA of CoMat's size
-(rank 8, the same layers) on the base UNet with the plain denoising loss on the world's renders of the fine-tune
+them towards the world's true scenes of those prompts. This script trains that directly: a LoRA on CoMat's
+layers (rank 8 as CoMat's, or ``--rank``) on the base UNet with the plain denoising loss on the world's renders of the fine-tune
 prompts (images CoMat never gets), then evaluates it on the held-out prompts exactly as ``experiment.py`` evaluates
 CoMat (same prompts, seeds, sampler, judge and tables). If this moves held-out accuracy little, no reward trained
 on these prompts can move it more through this LoRA; if it moves it a lot, the reward is what CoMat lacks.
