@@ -40,6 +40,7 @@ RECIPES = {
     "full": dict(vae_steps=500, vae_batch_size=32, unet_steps=2200, captioner_steps=1500, batch_size=64, dataset_size=24000, check_images=500),
     "quick": dict(vae_steps=4, vae_batch_size=8, unet_steps=4, captioner_steps=4, batch_size=8, dataset_size=64, check_images=8),
 }
+CONDITION_DROPOUT = 0.1  # share of empty prompts in the generator's training, for classifier-free guidance
 GENERATOR_SETTINGS = ("vae_steps", "vae_batch_size", "unet_steps", "batch_size", "dataset_size", "check_images")
 CAPTIONER_SETTINGS = ("captioner_steps", "batch_size", "dataset_size", "check_images")
 # The captioner's image augmentation: half VAE reconstructions; Gaussian blur of sigma up to BLUR px on half the
@@ -93,14 +94,29 @@ def cosine_lr(optimizer, steps, warmup=50):
     )
 
 
-def descend(loss, optimizer, schedule, clip=None):
+def descend(loss, optimizer, schedule=None, clip=None):
     """One optimizer step on ``loss`` (gradients of ``clip`` clipped to norm 1 first, when given)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(clip, 1.0)
     optimizer.step()
-    schedule.step()
+    if schedule is not None:
+        schedule.step()
+
+
+@torch.no_grad()
+def encode_means(vae, images):
+    """The VAE posterior means of images in [0, 1] (unscaled), in chunks of 512."""
+    return torch.cat([vae.encode(images[i : i + 512] * 2 - 1).latent_dist.mean for i in range(0, len(images), 512)])
+
+
+def denoising_loss(unet, scheduler, clean, encoder_hidden_states, generator):
+    """Epsilon-prediction MSE of ``unet`` on ``clean`` latents noised at uniformly drawn training timesteps."""
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
+    prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    return torch.nn.functional.mse_loss(prediction, noise)
 
 
 def train_vae(images, steps, batch_size, generator):
@@ -116,8 +132,7 @@ def train_vae(images, steps, batch_size, generator):
         if step % 200 == 0 or step == steps - 1:
             logger.info(f"VAE step {step}: reconstruction MSE {loss.item():.5f}")
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 512] * 2 - 1).latent_dist.mean for i in range(0, len(images), 512)])
+    latents = encode_means(vae, images)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae, latents * vae.config.scaling_factor
 
@@ -140,14 +155,9 @@ def train_generator(latents, prompts, steps, batch_size, generator):
     start = time.perf_counter()
     for step in range(steps):
         index = torch.randint(len(prompts), (batch_size,), generator=generator)
-        dropped = torch.rand(batch_size, generator=generator) < 0.1
+        dropped = torch.rand(batch_size, generator=generator) < CONDITION_DROPOUT
         ids = token_ids[torch.where(dropped, torch.full_like(index, empty), index)]
-        clean = latents[index]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = denoising_loss(unet, scheduler, latents[index], text_encoder(ids)[0], generator)
         descend(loss, optimizer, schedule, clip=parameters)
         if step % 250 == 0 or step == steps - 1:
             logger.info(f"UNet step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")

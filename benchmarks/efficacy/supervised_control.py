@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.efficacy import world
 from benchmarks.efficacy.experiment import FINETUNE_PROMPT_SETS, GUIDANCE_SCALE, SETTINGS, WorldJudgeScorer, fidelity, markdown
-from benchmarks.efficacy.pretrain import build_world, images_to_tensor
+from benchmarks.efficacy.pretrain import CONDITION_DROPOUT, build_world, denoising_loss, descend, encode_means, images_to_tensor
 from utils import evaluation
 from utils.training import lora_config, lora_metadata, unet_lora_state_dict
 
@@ -32,7 +32,6 @@ RECIPES = {
     "full": dict(save_steps=(250, 1000), batch_size=32, renders_per_prompt=64),
     "quick": dict(save_steps=(2,), batch_size=4, renders_per_prompt=2),
 }
-CONDITION_DROPOUT = 0.1  # as in pretraining: the unconditional prediction keeps learning too, for guidance
 
 
 def encode_renders(pipeline, prompts, renders_per_prompt, seed):
@@ -40,10 +39,7 @@ def encode_renders(pipeline, prompts, renders_per_prompt, seed):
     rng = np.random.default_rng(seed)
     scene_prompts = [prompt for prompt in prompts for _ in range(renders_per_prompt)]
     images = images_to_tensor([world.render(world.objects_of(prompt), rng) for prompt in scene_prompts])
-    vae = pipeline.vae
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 512] * 2 - 1).latent_dist.mean for i in range(0, len(images), 512)])
-    return latents * vae.config.scaling_factor, scene_prompts
+    return encode_means(pipeline.vae, images) * pipeline.vae.config.scaling_factor, scene_prompts
 
 
 def train_lora(pipeline, prompts, output_dir, save_steps, batch_size, renders_per_prompt, learning_rate, rank, seed):
@@ -71,15 +67,8 @@ def train_lora(pipeline, prompts, output_dir, save_steps, batch_size, renders_pe
         index = torch.randint(len(latents), (batch_size,), generator=generator)
         dropped = torch.rand(batch_size, generator=generator) < CONDITION_DROPOUT
         conditions = embeddings[torch.where(dropped, torch.full_like(index, empty), prompt_index[index])]
-        clean = latents[index]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, encoder_hidden_states=conditions).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        loss = denoising_loss(unet, scheduler, latents[index], conditions, generator)
+        descend(loss, optimizer, clip=parameters)
         losses.append(loss.item())
         if step % 250 == 0:
             logger.info(f"step {step}: loss {np.mean(losses[-250:]):.4f} ({time.perf_counter() - start:.0f} s)")
