@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: the recipe's sizes on one GPU, in about 8 minutes on an H200-class card, as one table.
+# The GPU check: the recipe's sizes on one GPU, in about 15 minutes on an H200, as one table.
 #
 #   bash benchmarks/gpu_check.sh [--output_dir DIR] [--model_dir DIR] [--only sd15,sdxl,train] [--dry_run]
 #
