@@ -35,7 +35,7 @@ import time
 import torch
 
 from .attention_capture import install_attention_capture
-from .attribute_concentration import attribute_concentration_losses
+from .attribute_concentration import attribute_concentration_losses, drop_undetected_entities
 from .checkpointing import (
     claim_output_dir,
     find_resume_checkpoint,
@@ -171,6 +171,7 @@ class AttributeConcentration:
         self.stoplist = load_entity_stoplist(args.entity_stoplist)
         self.attend_all_nouns = args.attend_all_nouns
         self.tokenizer = family.tokenizers[0]
+        self.skip_undetected_entities = args.skip_undetected_entities
         self.segmenter = load_segmenter(args, device)
         self.store = install_attention_capture(family.unet, args.attention_layers, args.resolution, vae_scale_factor)
         self._entities_by_prompt = {}
@@ -192,8 +193,11 @@ class AttributeConcentration:
     def losses(self, step_maps, masks, prompts):
         """(token loss, pixel loss, number of entities) of captured maps (``store.step_maps``) against the masks."""
         token_positions = [positions for _, positions in self.entities(prompts)]
+        num_entities = sum(len(positions) for positions in token_positions)
+        if self.skip_undetected_entities:
+            masks, token_positions = drop_undetected_entities(masks, token_positions)
         token_loss, pixel_loss = attribute_concentration_losses(step_maps, masks, token_positions)
-        return token_loss, pixel_loss, sum(len(positions) for positions in token_positions)
+        return token_loss, pixel_loss, num_entities
 
 
 class FidelityPreservation:
