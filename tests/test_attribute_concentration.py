@@ -201,6 +201,19 @@ def test_batch_without_entities_gives_zero_not_nan():
     assert token.item() == 0.0 and pixel.item() == 0.0
 
 
+def test_an_undetected_entity_has_its_attention_lowered_everywhere():
+    """The recipe's all-zero mask: the pixel loss lowers the entity's attention at every pixel, the token loss
+    leaves it alone."""
+    maps = random_maps(2, 2, 4, 5, torch.Generator().manual_seed(2)).requires_grad_(True)
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :4] = 1.0  # entity 0 (tokens 1, 2) found; entity 1 (token 4) not found
+    token, pixel = attribute_concentration_losses([{("up", 16): [maps]}], [masks, masks], [[[1, 2], [4]]] * 2)
+    (pixel_gradient,) = torch.autograd.grad(pixel, maps, retain_graph=True)
+    (token_gradient,) = torch.autograd.grad(token, maps)
+    assert (pixel_gradient[..., 4] > 0).all()
+    assert (token_gradient[..., 4] == 0).all() and token_gradient[..., 1:3].abs().sum() > 0
+
+
 def test_batch_reduction_checks_its_inputs():
     maps = [{("up", 16): [random_maps(2, 2, 4, 5, torch.Generator().manual_seed(1))]}]
     masks = [torch.zeros(0, 8, 8)] * 2

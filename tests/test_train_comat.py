@@ -185,6 +185,24 @@ def test_prompts_without_entities_and_images_without_detections_still_train(tiny
     assert scalars["caption_loss"] > 0 and scalars["discriminator_loss"] > 0
 
 
+def test_nouns_the_segmenter_does_not_find_are_counted_and_still_trained(tiny_paths, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat and a blue dog\na green bird and a yellow car\n")
+    output_dir = str(tmp_path / "out")
+    # A box threshold above every score: the segmenter finds no noun.
+    run_script("python", SCRIPT, tiny_args(
+        tiny_paths, output_dir, train_data=str(prompts), box_threshold=1.01, max_train_steps=1, report_to="tensorboard",
+        no_fidelity_preservation=True,
+    ))
+    accumulator = EventAccumulator(os.path.join(output_dir, "logs", "comat"))
+    accumulator.Reload()
+    scalars = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
+    assert scalars["entities_per_prompt"] == scalars["undetected_entities_per_prompt"] == 2
+    assert scalars["pixel_loss"] > 0  # all-zero masks, as in the recipe
+
+
 def test_push_to_hub_uploads_the_lora_and_never_the_token(tiny_paths, tmp_path):
     from huggingface_hub import ModelCard
 

@@ -32,10 +32,9 @@ than half a cell would vanish under the majority rule, and the pixel loss would 
 attention to zero everywhere; such a mask keeps the cells it covers most instead, so a detected entity is
 never empty at any resolution.
 
-Undetected entities: the recipe gives a noun the segmenter does not find an all-zero mask, so the pixel loss
-pushes that entity's attention down at every pixel (the token loss has no gradient there). Where the model
-often leaves an object out, that may suppress exactly the objects it fails to draw;
-:func:`drop_undetected_entities` (``--skip_undetected_entities``) leaves such entities out of both losses.
+Undetected entities: as in the recipe, a noun the segmenter does not find has an all-zero mask, so the pixel
+loss lowers that entity's attention at every pixel (the token loss has no gradient there). Leaving such
+entities out instead was measured in the shapes world and changed nothing (README, "Does it work?").
 """
 
 import math
@@ -143,18 +142,6 @@ def resize_masks(masks: torch.Tensor, side: int, threshold: float = MASK_THRESHO
     most_covered = coverage.amax(dim=1, keepdim=True)
     inside = (coverage >= threshold) | ((coverage == most_covered) & (most_covered > 0))
     return inside.float()
-
-
-def drop_undetected_entities(
-    masks_per_image: Sequence[torch.Tensor], token_positions_per_image: Sequence[Sequence[Sequence[int]]]
-) -> tuple[list[torch.Tensor], list[list[Sequence[int]]]]:
-    """Per image, only the entities whose mask ``[N, H, W]`` has at least one pixel (masks and token positions)."""
-    kept_masks, kept_positions = [], []
-    for masks, token_positions in zip(masks_per_image, token_positions_per_image, strict=True):
-        detected = masks.flatten(1).any(dim=1).tolist()
-        kept_masks.append(masks[torch.tensor(detected, dtype=torch.bool, device=masks.device)])
-        kept_positions.append([positions for positions, keep in zip(token_positions, detected, strict=True) if keep])
-    return kept_masks, kept_positions
 
 
 def attribute_concentration_losses(

@@ -141,7 +141,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     attribute.add_argument("--text_threshold", type=float, default=0.25, help="GroundingDINO token score threshold that ties a box to a noun.")
     attribute.add_argument("--attention_layers", type=str, default=recipe["attention_layers"], help="Cross-attention maps used by the losses: comma-separated place[:side at 512 px], place in down/mid/up.")
     attribute.add_argument("--attention_loss_steps", type=int, default=2, help="Gradient steps (drawn without replacement) whose attention maps are trained (recipe: 2).")
-    _add_switch(attribute, "skip_undetected_entities", False, "Leave an entity the segmenter does not find out of the token and pixel losses (off: the recipe's all-zero mask).")
     attribute.add_argument("--token_loss_weight", type=float, default=1e-3, help="Weight of the token loss (recipe: 1e-3; summed over the maps of a layer group).")
     attribute.add_argument("--pixel_loss_weight", type=float, default=5e-5, help="Weight of the pixel loss (recipe: 5e-5).")
 

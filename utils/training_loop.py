@@ -35,7 +35,7 @@ import time
 import torch
 
 from .attention_capture import install_attention_capture
-from .attribute_concentration import attribute_concentration_losses, drop_undetected_entities
+from .attribute_concentration import attribute_concentration_losses
 from .checkpointing import (
     claim_output_dir,
     find_resume_checkpoint,
@@ -171,7 +171,6 @@ class AttributeConcentration:
         self.stoplist = load_entity_stoplist(args.entity_stoplist)
         self.attend_all_nouns = args.attend_all_nouns
         self.tokenizer = family.tokenizers[0]
-        self.skip_undetected_entities = args.skip_undetected_entities
         self.segmenter = load_segmenter(args, device)
         self.store = install_attention_capture(family.unet, args.attention_layers, args.resolution, vae_scale_factor)
         self._entities_by_prompt = {}
@@ -191,13 +190,13 @@ class AttributeConcentration:
         return self.segmenter(images.detach(), [queries for queries, _ in self.entities(prompts)])
 
     def losses(self, step_maps, masks, prompts):
-        """(token loss, pixel loss, number of entities) of captured maps (``store.step_maps``) against the masks."""
+        """(token loss, pixel loss, number of entities, number of them the segmenter did not find) of captured maps
+        (``store.step_maps``) against the masks."""
         token_positions = [positions for _, positions in self.entities(prompts)]
         num_entities = sum(len(positions) for positions in token_positions)
-        if self.skip_undetected_entities:
-            masks, token_positions = drop_undetected_entities(masks, token_positions)
+        num_undetected = sum(int((~image_masks.flatten(1).any(dim=1)).sum()) for image_masks in masks)
         token_loss, pixel_loss = attribute_concentration_losses(step_maps, masks, token_positions)
-        return token_loss, pixel_loss, num_entities
+        return token_loss, pixel_loss, num_entities, num_undetected
 
 
 class FidelityPreservation:
@@ -442,12 +441,13 @@ class CoMatIteration:
         loss = args.caption_loss_weight * caption_loss
         if self.attribute_concentration is not None:
             with timer.phase("attention_losses"):
-                token_loss, pixel_loss, num_entities = self.attribute_concentration.losses(
+                token_loss, pixel_loss, num_entities, num_undetected = self.attribute_concentration.losses(
                     self.attribute_concentration.store.step_maps, masks, batch_prompts
                 )
             losses.update(token_loss=token_loss, pixel_loss=pixel_loss)
             loss = loss + args.token_loss_weight * token_loss + args.pixel_loss_weight * pixel_loss
             losses["entities_per_prompt"] = torch.tensor(num_entities / len(batch_prompts))
+            losses["undetected_entities_per_prompt"] = torch.tensor(num_undetected / len(batch_prompts))
         final_timestep = self.sampling_scheduler.timesteps[-1]
         if self.fidelity is not None:
             with timer.phase("discriminator_g"):
