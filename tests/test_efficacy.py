@@ -179,6 +179,25 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert 0 <= experiment.training_curves(str(single_dir / "runs" / "caption_only"))["caption_loss"]["first"] <= world.MISSING_OBJECT_LOSS
     assert os.path.getsize(single_dir / "single_prompt.png") > 1000 and "full prompt accuracy" in (single_dir / "results.md").read_text()
 
+    from benchmarks.efficacy import adversarial_probe
+
+    # A discriminator saved in a checkpoint of a real train_comat.py run, probed along the generator's adversarial loss.
+    probe_run = experiment.finetune("full CoMat", [], str(tmp_path / "world"), str(tmp_path / "probe-run"),
+                                    experiment.SETTINGS["quick"], 1, checkpointing_steps=1)
+    quick_steps = experiment.SETTINGS["quick"]["num_inference_steps"]
+    probed = adversarial_probe.probe(str(tmp_path / "world"), os.path.join(probe_run, "checkpoint-1"), seeds=1, steps=2, every=1,
+                                     num_inference_steps=quick_steps)
+    assert [point["step"] for point in probed["along_adversarial_loss"]] == [0, 1, 2]
+    assert probed["images"] == len(world.FINETUNE_PROMPTS)
+    logits = probed["discriminator_logits_on_base_samples"]
+    assert 0 <= logits["object_pixel_share"] <= 1 and all(logits[name] is None or np.isfinite(logits[name]) for name in ("object_pixels", "background_pixels"))
+
+    from benchmarks.efficacy import attention_localisation
+
+    located = attention_localisation.localisation(str(tmp_path / "world"), seeds=1, num_inference_steps=quick_steps)
+    for entry in located["groups"].values():  # groups with no drawn object are absent; shares are probabilities
+        assert entry["entities"] > 0 and all(0 <= entry[name] <= 1 for name in ("mask", "uniform", "mirrored"))
+
     from benchmarks.efficacy import supervised_control
 
     supervised_dir = tmp_path / "supervised"

@@ -29,7 +29,7 @@ from utils.concept_matching import CaptionScorer
 logger = logging.getLogger(__name__)
 
 
-def _images(vae, latents):
+def decoded_images(vae, latents):
     """Decoded latents as (differentiable [B, 3, H, W] in [0, 1], uint8 arrays for the judge)."""
     pixels = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     arrays = (pixels.detach().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -73,7 +73,7 @@ def probe(world_dir, captioner, seeds=3, steps=60, learning_rate=0.01, reduction
     latents = pipeline(prompts, generator=[torch.Generator().manual_seed(s) for s in seed_list], output_type="latent",
                        num_inference_steps=20, guidance_scale=7.5).images
     with torch.no_grad():
-        base_arrays = _images(vae, latents)[1]
+        base_arrays = decoded_images(vae, latents)[1]
         base = _read(base_arrays, prompts)
     logger.info(f"base samples: {base}")
     trajectories = {}
@@ -83,19 +83,19 @@ def probe(world_dir, captioner, seeds=3, steps=60, learning_rate=0.01, reduction
         optimizer = torch.optim.Adam([optimised], lr=learning_rate)
         trajectory = [dict(step=0, **base)]
         for step in range(1, steps + 1):
-            pixels, arrays = _images(vae, optimised)
+            pixels, arrays = decoded_images(vae, optimised)
             loss = scorer.loss(pixels, targets, reduction=reduction)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if step % every == 0:
                 with torch.no_grad():
-                    trajectory.append(dict(step=step, caption_loss=loss.item(), **_read(_images(vae, optimised)[1], prompts)))
+                    trajectory.append(dict(step=step, caption_loss=loss.item(), **_read(decoded_images(vae, optimised)[1], prompts)))
                 logger.info(f"towards the {target}: {trajectory[-1]}")
         trajectories[target] = trajectory
         if target == "prompt":
             with torch.no_grad():
-                pairs = by_color_pair(prompts, base_arrays, _images(vae, optimised)[1])
+                pairs = by_color_pair(prompts, base_arrays, decoded_images(vae, optimised)[1])
     return dict(captioner=captioner, prompt_set=prompt_set, images=len(prompts), seeds=seeds, steps=steps,
                 learning_rate=learning_rate, reduction=reduction, base=base, towards=trajectories, towards_prompt_by_color_pair=pairs)
 
