@@ -493,7 +493,7 @@ def isolated_phases(comat, prompts, micro_step):
             for step in captured_maps
         ]
         with timer.phase("attention_losses"):
-            token_loss, pixel_loss, _ = comat.attribute_concentration.losses(step_maps, masks, prompts)
+            token_loss, pixel_loss, _, _ = comat.attribute_concentration.losses(step_maps, masks, prompts)
         backward("attention_losses", [token_loss, pixel_loss])
 
     if comat.fidelity is not None:
