@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.efficacy import world
+from benchmarks.efficacy.experiment import WorldJudgeScorer
 from benchmarks.efficacy.reward_probe import decoded_images
 from utils.fidelity_preservation import DISCRIMINATOR_CONFIG_NAME, UNetDiscriminator, generator_adversarial_loss
 
@@ -30,15 +31,13 @@ logger = logging.getLogger(__name__)
 GUIDANCE_SCALE = 7.5
 
 
+JUDGED = ("full_prompt_accuracy", "all_shapes_drawn", "parsed", "background_cleanliness")
+
+
 def _read(arrays, prompts):
-    """Judge's verdicts: full-prompt accuracy, both shapes drawn, parsed, background cleanliness (shares)."""
-    verdicts = [world.judge(image, prompt) for image, prompt in zip(arrays, prompts, strict=True)]
-    return dict(
-        full_prompt_accuracy=float(np.mean([v["full_prompt"] for v in verdicts])),
-        all_shapes_drawn=float(np.mean([all(o["shape_present"] for o in v["objects"]) for v in verdicts])),
-        parsed=float(np.mean([v["parsed"] for v in verdicts])),
-        background_cleanliness=float(np.mean([world.background_cleanliness(image) for image in arrays])),
-    )
+    """The experiment's judge scores (``WorldJudgeScorer``) that the probe follows, as shares of the images."""
+    scores = WorldJudgeScorer().score(list(arrays), prompts)
+    return {name: float(np.mean([score[name] for score in scores])) for name in JUDGED}
 
 
 def _object_pixels(arrays, latent_side):
@@ -133,7 +132,7 @@ def main(argv=None):
     logits, first, last = result["discriminator_logits_on_base_samples"], result["along_adversarial_loss"][0], result["along_adversarial_loss"][-1]
     print(f"D's mean logit on the base samples: objects {logits['object_pixels']}, background "
           f"{logits['background_pixels']} ({100 * logits['object_pixel_share']:.1f}% object pixels)")
-    for name in ("full_prompt_accuracy", "all_shapes_drawn", "parsed", "background_cleanliness"):
+    for name in JUDGED:
         print(f"along L_adv_G, {name}: {100 * first[name]:.1f}% -> {100 * last[name]:.1f}%")
     print(args.output)
 
