@@ -185,17 +185,26 @@ def test_prompts_without_entities_and_images_without_detections_still_train(tiny
     assert scalars["caption_loss"] > 0 and scalars["discriminator_loss"] > 0
 
 
-def test_nouns_the_segmenter_does_not_find_are_counted_and_still_trained(tiny_paths, tmp_path):
+@pytest.mark.parametrize("path", ["fp32", "fp16, accumulation 2", "bf16, accumulation 2", "two processes"])
+def test_nouns_the_segmenter_does_not_find_are_counted_and_still_trained(path, tiny_paths, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat and a blue dog\na green bird and a yellow car\n")
     output_dir = str(tmp_path / "out")
+    overrides = {
+        "fp32": {},
+        "fp16, accumulation 2": dict(mixed_precision="fp16", gradient_accumulation_steps=2, train_batch_size=1),
+        "bf16, accumulation 2": dict(mixed_precision="bf16", gradient_accumulation_steps=2, train_batch_size=1),
+        "two processes": dict(train_batch_size=1),
+    }[path]
+    num_processes = 2 if path == "two processes" else 1
     # A box threshold above every score: the segmenter finds no noun.
-    run_script("python", SCRIPT, tiny_args(
+    result = run_script("torchrun" if num_processes == 2 else "python", SCRIPT, tiny_args(
         tiny_paths, output_dir, train_data=str(prompts), box_threshold=1.01, max_train_steps=1, report_to="tensorboard",
-        no_fidelity_preservation=True,
-    ))
+        no_fidelity_preservation=True, **overrides,
+    ), num_processes=num_processes)
+    assert f"{num_processes} processes" in result.stdout
     accumulator = EventAccumulator(os.path.join(output_dir, "logs", "comat"))
     accumulator.Reload()
     scalars = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
