@@ -63,18 +63,33 @@ def test_reward_probe_counts_rebound_samples_per_colour_pair():
     assert pairs == {"blue–red": dict(samples=2, prompt_before=0, prompt_after=1, swap_before=2)}
 
 
-def test_splits_are_disjoint_and_hold_out_pairs_from_pretraining():
-    evaluation_prompts, finetune = set(world.EVALUATION_PROMPTS), set(world.FINETUNE_PROMPTS)
-    assert evaluation_prompts and finetune and not evaluation_prompts & finetune
-    assert not (evaluation_prompts | finetune) & set(world.PRETRAINING_TWO_OBJECT_PROMPTS)
-    from benchmarks.efficacy.experiment import FINETUNE_PROMPT_SETS
+@pytest.mark.parametrize("split", ["hash", "balanced"])
+def test_splits_are_disjoint_and_hold_out_pairs_from_pretraining(split):
+    from benchmarks.efficacy.experiment import FINETUNE_PROMPT_SETS, finetune_prompts_of
 
-    assert all(not evaluation_prompts & set(prompts) for prompts in FINETUNE_PROMPT_SETS.values())
+    finetune, evaluation_prompts = map(set, world.SPLITS[split])
+    assert evaluation_prompts and finetune and not evaluation_prompts & finetune
+    held_out_prompts = {p for p in world.TWO_OBJECT_PROMPTS if any((o.color, o.shape) in world.HELD_OUT for o in world.objects_of(p))}
+    assert evaluation_prompts | finetune == held_out_prompts
+    assert not held_out_prompts & set(world.PRETRAINING_TWO_OBJECT_PROMPTS)
+    assert all(not evaluation_prompts & set(finetune_prompts_of(name, split)) for name in FINETUNE_PROMPT_SETS)
     rng = np.random.default_rng(1)
     for _ in range(300):
         _, prompt = world.pretraining_sample(rng)
         objects = world.objects_of(prompt)
         assert len(objects) == 1 or not any((o.color, o.shape) in world.HELD_OUT for o in objects)
+
+
+def test_balanced_split_puts_each_held_out_pair_in_each_position_in_both_halves_alike():
+    from collections import Counter
+
+    finetune, evaluation_prompts = world.SPLITS["balanced"]
+    counts = [Counter((o.color, o.shape, i) for p in half for i, o in enumerate(world.objects_of(p))
+                      if (o.color, o.shape) in world.HELD_OUT) for half in (finetune, evaluation_prompts)]
+    assert set(counts[0]) == set(counts[1]) and len(counts[0]) == 2 * len(world.HELD_OUT)
+    assert all(abs(counts[0][key] - counts[1][key]) <= 2 for key in counts[0])
+    assert abs(len(finetune) - len(evaluation_prompts)) <= 1
+    assert world.SPLITS["hash"] == (world.FINETUNE_PROMPTS, world.EVALUATION_PROMPTS)  # the earlier results' split
 
 
 def test_shape_segmenter_masks_each_queried_object():
@@ -137,8 +152,11 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
 
     output_dir = tmp_path / "results"
     results = experiment.run(experiment.parse_args(
-        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(output_dir), "--quick", "--threads", "1"]
+        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(output_dir), "--quick", "--threads", "1", "--split", "balanced"]
     ))
+    finetune_prompts, evaluation_prompts = world.SPLITS["balanced"]
+    assert results["evaluation_prompts"] == evaluation_prompts[:2] and results["split"] == "balanced"
+    assert (output_dir / "finetune_prompts.txt").read_text().splitlines() == finetune_prompts
     for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
         assert set(results["summary"][name]) >= {"full_prompt_accuracy", "color_leak_rate", "background_cleanliness"}
     for run in ("caption_only", "plus_attribute_concentration", "full_CoMat"):
@@ -204,7 +222,7 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     supervised = supervised_control.run(supervised_control.parse_args(
         ["--world_dir", str(tmp_path / "world"), "--output_dir", str(supervised_dir), "--quick"]))
     assert list(supervised["held-out"]["summary"]) == ["base", "supervised @ 2"]
-    assert supervised["fine-tune"]["prompts"] == world.FINETUNE_PROMPTS[:2]
+    assert supervised["fine-tune"]["prompts"] == world.FINETUNE_PROMPTS[:2] and supervised["held-out"]["prompts"] == world.EVALUATION_PROMPTS[:2]
     lora = load_file(str(supervised_dir / "lora-2" / "pytorch_lora_weights.safetensors"))
     assert any(("lora_B" in key or "lora.up" in key) and tensor.abs().sum() > 0 for key, tensor in lora.items())
 

@@ -48,13 +48,17 @@ SETTINGS = {
     "quick": dict(max_train_steps=2, train_batch_size=2, num_inference_steps=4, num_grad_steps=2, seeds=1, learning_rate=3e-4,
                   discriminator_learning_rate=2e-5, caption_loss_reduction="mean"),
 }
-# Prompts a fine-tune may see (never an evaluation prompt): the two-object prompts with a held-out pair outside the
-# evaluation split, and optionally also the pretraining's two-object prompts, which the base model draws right
+# Prompts a fine-tune may see (never an evaluation prompt): the two-object prompts with a held-out pair in the
+# split's fine-tune half, and optionally also the pretraining's two-object prompts, which the base model draws right
 # and which anchor the colours of the seen pairs.
-FINETUNE_PROMPT_SETS = {
-    "held-out-pairs": world.FINETUNE_PROMPTS,
-    "with-seen-pairs": world.FINETUNE_PROMPTS + world.PRETRAINING_TWO_OBJECT_PROMPTS,
-}
+FINETUNE_PROMPT_SETS = ("held-out-pairs", "with-seen-pairs")
+
+
+def finetune_prompts_of(prompt_set, split):
+    prompts = world.SPLITS[split][0]
+    return prompts + world.PRETRAINING_TWO_OBJECT_PROMPTS if prompt_set == "with-seen-pairs" else prompts
+
+
 GUIDANCE_SCALE = 7.5
 # Fine-tune settings a run may change from the command line (the defaults are the table in the README).
 TRAINING_FLAGS = ("max_train_steps", "learning_rate", "discriminator_learning_rate", "caption_loss_reduction")
@@ -236,7 +240,7 @@ def run(args):
     world_summary = build_world(args.world_dir, recipe)
     world_seconds = time.perf_counter() - start
     runs = args.runs.split(",") if args.runs else list(RUNS)
-    finetune_prompts = FINETUNE_PROMPT_SETS[args.finetune_prompts]
+    finetune_prompts = finetune_prompts_of(args.finetune_prompts, args.split)
     run_dirs = {
         name: finetune(name, RUNS[name] + shlex.split(args.train_flags), args.world_dir, args.output_dir, settings, args.threads,
                        args.captioner, args.checkpointing_steps, prompts=finetune_prompts)
@@ -254,7 +258,7 @@ def run(args):
     call = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=GUIDANCE_SCALE)
     seeds = list(range(settings["seeds"]))
     scorer = WorldJudgeScorer()
-    prompts = world.EVALUATION_PROMPTS[: 2 if args.quick else None]
+    prompts = world.SPLITS[args.split][1][: 2 if args.quick else None]
     generations = evaluation.generate(pipeline, models, prompts, seeds, **call)
     evaluation.score(generations, scorer)
     summary = evaluation.summarize(generations, baseline="base")
@@ -285,8 +289,8 @@ def run(args):
     results = dict(
         recipe=recipe, settings=settings, train_flags=args.train_flags, captioner=args.captioner or os.path.join(args.world_dir, "blip"),
         finetune_prompt_summary=finetune_prompt_summary, guidance_scale=GUIDANCE_SCALE, world=world_summary,
-        evaluation_prompts=prompts, seeds=seeds, finetune_prompt_set=args.finetune_prompts, finetune_prompts=len(finetune_prompts),
-        base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
+        evaluation_prompts=prompts, seeds=seeds, finetune_prompt_set=args.finetune_prompts, split=args.split,
+        finetune_prompts=len(finetune_prompts), base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
         token_activations_prompt=failing,
         training_curves={name: training_curves(run_dir) for name, run_dir in run_dirs.items()},
         seconds=dict(world=world_seconds, finetune=finetune_seconds, total=time.perf_counter() - start),
@@ -322,7 +326,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", default=None, help=f"Comma-separated fine-tunes to run (default: all of {', '.join(RUNS)}).")
     parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: WORLD_DIR/blip), e.g. WORLD_DIR/blip-adversarial from pretrain.py --adversarial_captioner.")
     parser.add_argument("--train_flags", default="", help='More train_comat.py flags for every fine-tune, e.g. "--token_loss_weight 1 --pixel_loss_weight 0.05" (default: none; one flag alone: --train_flags=--FLAG).')
-    parser.add_argument("--finetune_prompts", choices=list(FINETUNE_PROMPT_SETS), default="held-out-pairs", help="The fine-tunes' prompts: the 28 with a held-out pair (default), or those and the 42 two-object prompts of pretraining (with-seen-pairs).")
+    parser.add_argument("--finetune_prompts", choices=FINETUNE_PROMPT_SETS, default="held-out-pairs", help="The fine-tunes' prompts: the split's fine-tune prompts with a held-out pair (default; 28 in the hash split), or those and the 42 two-object prompts of pretraining (with-seen-pairs).")
+    parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="Which prompts with a held-out pair are fine-tuned on and which evaluated (default: hash, 28 / 26, the split of the results before 2026-11-30; balanced: 27 / 27, each held-out pair in each position equally often in both).")
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Also evaluate each run's checkpoint every N steps (default: the final LoRA only).")
     parser.add_argument("--evaluate_finetune_prompts", action="store_true", help="Also measure accuracy on the two-object prompts the fine-tunes saw (in distribution).")
     args = parser.parse_args(argv)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from benchmarks.efficacy import world
-from benchmarks.efficacy.experiment import FINETUNE_PROMPT_SETS, GUIDANCE_SCALE, SETTINGS, WorldJudgeScorer, fidelity, markdown
+from benchmarks.efficacy.experiment import (FINETUNE_PROMPT_SETS, GUIDANCE_SCALE, SETTINGS, WorldJudgeScorer, fidelity,
+                                            finetune_prompts_of, markdown)
 from benchmarks.efficacy.pretrain import CONDITION_DROPOUT, build_world, denoising_loss, descend, encode_means, images_to_tensor
 from utils import evaluation
 from utils.training import lora_config, lora_metadata, unet_lora_state_dict
@@ -86,7 +87,7 @@ def run(args):
     settings = dict(RECIPES[recipe], **{k: SETTINGS[recipe][k] for k in ("num_inference_steps", "seeds")})
     start = time.perf_counter()
     build_world(args.world_dir, recipe)
-    finetune_prompts = FINETUNE_PROMPT_SETS[args.finetune_prompts]
+    finetune_prompts = finetune_prompts_of(args.finetune_prompts, args.split)
 
     def load_pipeline():
         pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(args.world_dir, "sd"), safety_checker=None)
@@ -103,16 +104,16 @@ def run(args):
     seeds = list(range(settings["seeds"]))
     scorer = WorldJudgeScorer()
     results = dict(settings=settings, learning_rate=args.learning_rate, rank=args.rank, finetune_prompt_set=args.finetune_prompts,
-                   finetune_prompts=len(finetune_prompts), loss=loss)
+                   split=args.split, finetune_prompts=len(finetune_prompts), loss=loss)
     table = ""
-    for split, prompts in (("held-out", world.EVALUATION_PROMPTS), ("fine-tune", [p for p in finetune_prompts if " and " in p])):
+    for half, prompts in (("held-out", world.SPLITS[args.split][1]), ("fine-tune", [p for p in finetune_prompts if " and " in p])):
         prompts = prompts[: 2 if args.quick else None]
         generations = evaluation.generate(pipeline, models, prompts, seeds, **call)
         evaluation.score(generations, scorer)
         summary = evaluation.summarize(generations, baseline="base")
         fidelity_by_model, _ = fidelity(generations, prompts, seeds)
-        results[split] = dict(prompts=prompts, summary=summary, fidelity=fidelity_by_model)
-        table += f"\n**{split} prompts** ({len(prompts)} × {len(seeds)} seeds)\n\n" + markdown(summary, fidelity_by_model, "base")
+        results[half] = dict(prompts=prompts, summary=summary, fidelity=fidelity_by_model)
+        table += f"\n**{half} prompts** ({len(prompts)} × {len(seeds)} seeds)\n\n" + markdown(summary, fidelity_by_model, "base")
     results["seconds"] = dict(train=train_seconds, total=time.perf_counter() - start)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -131,8 +132,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="A few steps and images: the mechanics, not the result.")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="LoRA learning rate (default: 1e-4, CoMat's).")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8, the CoMat fine-tunes').")
-    parser.add_argument("--finetune_prompts", choices=list(FINETUNE_PROMPT_SETS), default="held-out-pairs",
+    parser.add_argument("--finetune_prompts", choices=FINETUNE_PROMPT_SETS, default="held-out-pairs",
                         help="The prompts whose renders it trains on, as experiment.py's flag (default: held-out-pairs).")
+    parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="The prompt split, as experiment.py's flag (default: hash).")
     return parser.parse_args(argv)
 
 

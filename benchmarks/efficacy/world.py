@@ -67,13 +67,44 @@ def _held_out(prompt):
     return any((obj.color, obj.shape) in HELD_OUT for obj in objects_of(prompt))
 
 
+def _prompt_hash(prompt):
+    return hashlib.sha256(prompt.encode()).digest()
+
+
 def _in_evaluation_split(prompt):
-    return hashlib.sha256(prompt.encode()).digest()[0] % 2 == 0
+    return _prompt_hash(prompt)[0] % 2 == 0
+
+
+def _held_out_positions(prompt):
+    return [(obj.color, obj.shape, index) for index, obj in enumerate(objects_of(prompt)) if (obj.color, obj.shape) in HELD_OUT]
+
+
+def _balanced_split(prompts):
+    """(fine-tune, evaluation) halves of ``prompts`` in which each held-out pair appears in each position (left,
+    right) about equally often (within 2 for the world's 54 prompts): prompts in hash order, each to the half that
+    has seen its held-out pairs in their positions less (the smaller half on a tie)."""
+    finetune, evaluation, surplus = [], [], {}  # surplus: evaluation minus fine-tune count per (pair, position)
+    for prompt in sorted(prompts, key=_prompt_hash):
+        keys = _held_out_positions(prompt)
+        balance = sum(surplus.get(key, 0) for key in keys)
+        to_evaluation = balance < 0 or (balance == 0 and len(evaluation) <= len(finetune))
+        (evaluation if to_evaluation else finetune).append(prompt)
+        for key in keys:
+            surplus[key] = surplus.get(key, 0) + (1 if to_evaluation else -1)
+    order = {prompt: index for index, prompt in enumerate(prompts)}
+    return sorted(finetune, key=order.get), sorted(evaluation, key=order.get)
 
 
 PRETRAINING_TWO_OBJECT_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if not _held_out(p)]
 FINETUNE_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if _held_out(p) and not _in_evaluation_split(p)]
 EVALUATION_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if _held_out(p) and _in_evaluation_split(p)]
+# (fine-tune, evaluation) prompts. "hash": the split every result before 2026-11-30 used; by chance it is lopsided
+# (a red square on the right in 8 fine-tune prompts and no evaluation prompt). "balanced": each held-out pair in each
+# position in both halves equally often.
+SPLITS = {
+    "hash": (FINETUNE_PROMPTS, EVALUATION_PROMPTS),
+    "balanced": _balanced_split([p for p in TWO_OBJECT_PROMPTS if _held_out(p)]),
+}
 
 
 # ---- Rendering -------------------------------------------------------------------------------------------
