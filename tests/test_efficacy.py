@@ -225,6 +225,16 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert supervised["fine-tune"]["prompts"] == world.FINETUNE_PROMPTS[:2] and supervised["held-out"]["prompts"] == world.EVALUATION_PROMPTS[:2]
     lora = load_file(str(supervised_dir / "lora-2" / "pytorch_lora_weights.safetensors"))
     assert any(("lora_B" in key or "lora.up" in key) and tensor.abs().sum() > 0 for key, tensor in lora.items())
+    # The same command gives the same LoRA (its initial weights are seeded too), so the README's numbers repeat.
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(12345)
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tmp_path / "world" / "sd"), safety_checker=None)
+    recipe = supervised_control.RECIPES["quick"]
+    supervised_control.train_lora(pipeline, world.FINETUNE_PROMPTS, str(tmp_path / "supervised-again"), recipe["save_steps"],
+                                  recipe["batch_size"], recipe["renders_per_prompt"], 1e-4, 8, seed=0)
+    again = load_file(str(tmp_path / "supervised-again" / "lora-2" / "pytorch_lora_weights.safetensors"))
+    assert again.keys() == lora.keys() and all(torch.equal(again[key], lora[key]) for key in lora)
 
 
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():

@@ -59,6 +59,7 @@ def train_lora(pipeline, prompts, output_dir, save_steps, batch_size, renders_pe
     empty = len(distinct)
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     unet = pipeline.unet.requires_grad_(False)
+    torch.manual_seed(seed)  # peft draws the LoRA's initial weights from the global generator
     unet.add_adapter(lora_config(rank))
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
