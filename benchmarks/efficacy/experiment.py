@@ -327,7 +327,7 @@ def parse_args(argv=None):
     parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: WORLD_DIR/blip), e.g. WORLD_DIR/blip-adversarial from pretrain.py --adversarial_captioner.")
     parser.add_argument("--train_flags", default="", help='More train_comat.py flags for every fine-tune, e.g. "--token_loss_weight 1 --pixel_loss_weight 0.05" (default: none; one flag alone: --train_flags=--FLAG).')
     parser.add_argument("--finetune_prompts", choices=FINETUNE_PROMPT_SETS, default="held-out-pairs", help="The fine-tunes' prompts: the split's fine-tune prompts with a held-out pair (default; 28 in the hash split), or those and the 42 two-object prompts of pretraining (with-seen-pairs).")
-    parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="Which prompts with a held-out pair are fine-tuned on and which evaluated (default: hash, 28 / 26, the split of the results before 2026-11-30; balanced: 27 / 27, each held-out pair in each position equally often in both).")
+    parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="Which prompts with a held-out pair are fine-tuned on and which evaluated (default: hash, 28 / 26, the split of the results before 2026-11-30; balanced: 27 / 27, each held-out pair in each position about equally often in both).")
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Also evaluate each run's checkpoint every N steps (default: the final LoRA only).")
     parser.add_argument("--evaluate_finetune_prompts", action="store_true", help="Also measure accuracy on the two-object prompts the fine-tunes saw (in distribution).")
     args = parser.parse_args(argv)

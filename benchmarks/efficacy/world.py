@@ -63,10 +63,6 @@ ALL_OBJECTS = [WorldObject(c, s) for c in COLORS for s in SHAPES]
 TWO_OBJECT_PROMPTS = [prompt_of(pair) for pair in itertools.permutations(ALL_OBJECTS, 2) if pair[0].shape != pair[1].shape]
 
 
-def _held_out(prompt):
-    return any((obj.color, obj.shape) in HELD_OUT for obj in objects_of(prompt))
-
-
 def _prompt_hash(prompt):
     return hashlib.sha256(prompt.encode()).digest()
 
@@ -76,6 +72,7 @@ def _in_evaluation_split(prompt):
 
 
 def _held_out_positions(prompt):
+    """(colour, shape, position) of each object of ``prompt`` whose pair is held out; empty: none is."""
     return [(obj.color, obj.shape, index) for index, obj in enumerate(objects_of(prompt)) if (obj.color, obj.shape) in HELD_OUT]
 
 
@@ -95,15 +92,16 @@ def _balanced_split(prompts):
     return sorted(finetune, key=order.get), sorted(evaluation, key=order.get)
 
 
-PRETRAINING_TWO_OBJECT_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if not _held_out(p)]
-FINETUNE_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if _held_out(p) and not _in_evaluation_split(p)]
-EVALUATION_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if _held_out(p) and _in_evaluation_split(p)]
+PRETRAINING_TWO_OBJECT_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if not _held_out_positions(p)]
+HELD_OUT_PAIR_PROMPTS = [p for p in TWO_OBJECT_PROMPTS if _held_out_positions(p)]
+FINETUNE_PROMPTS = [p for p in HELD_OUT_PAIR_PROMPTS if not _in_evaluation_split(p)]
+EVALUATION_PROMPTS = [p for p in HELD_OUT_PAIR_PROMPTS if _in_evaluation_split(p)]
 # (fine-tune, evaluation) prompts. "hash": the split every result before 2026-11-30 used; by chance it is lopsided
 # (a red square on the right in 8 fine-tune prompts and no evaluation prompt). "balanced": each held-out pair in each
-# position in both halves equally often.
+# position about equally often in both halves.
 SPLITS = {
     "hash": (FINETUNE_PROMPTS, EVALUATION_PROMPTS),
-    "balanced": _balanced_split([p for p in TWO_OBJECT_PROMPTS if _held_out(p)]),
+    "balanced": _balanced_split(HELD_OUT_PAIR_PROMPTS),
 }
 
 
