@@ -28,6 +28,7 @@ def _fails_with(args, message):
         ({"caption_model_name_or_path": "Salesforce/blip-image-captioning-large"}, "Could not load --caption_model_name_or_path"),
         ({"pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "Could not load --pretrained_model_name_or_path"),
         ({"segmenter": "no_such_module:load"}, "--segmenter no_such_module:load: cannot import 'load'"),
+        ({"lora_layers": "to_q,attn3.to_k"}, "--lora_layers: no linear layer of the UNet is named 'attn3.to_k'"),
     ],
 )
 def test_bad_flags(tiny_paths, tmp_path, overrides, message):
@@ -51,6 +52,7 @@ def test_bad_flags(tiny_paths, tmp_path, overrides, message):
     ({"num_grad_steps": 5, "num_inference_steps": 4}, "--num_grad_steps 5 must be between 1 and --num_inference_steps"),
     ({"segmenter": "my_segmenter"}, "--segmenter my_segmenter: give MODULE:NAME"),
     ({"caption_scorer": "my_scorer"}, "--caption_scorer my_scorer: give MODULE:NAME"),
+    ({"lora_layers": " , "}, "--lora_layers names no layer"),
 ])
 def test_bad_flag_values_are_refused_by_the_parser(tiny_paths, tmp_path, capsys, overrides, message):
     """The checks of parse_args (the script's first step): the message alone, exit code 2, before anything loads."""

@@ -154,6 +154,37 @@ def test_two_processes_keep_identical_lora(family, tiny_paths, tmp_path):
     assert os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
 
 
+def test_lora_layers_put_the_lora_on_the_named_layers_only_and_a_resume_must_keep_them(tiny_paths, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = str(tmp_path / "kv")
+    run_script("python", SCRIPT, tiny_args(tiny_paths, output_dir, lora_layers="attn2.to_k, attn2.to_v", max_train_steps=2,
+                                           checkpointing_steps=1, no_attribute_concentration=True))
+    keys = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors")).keys()
+    layers = {".".join(key.split(".lora.")[0].split(".")[-2:]) for key in keys}  # "….attn2.to_k.lora.down.weight"
+    assert layers == {"attn2.to_k", "attn2.to_v"}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_paths["sd"])
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe("a red book", num_inference_steps=2, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(output_dir)
+    with_lora = pipe("a red book", num_inference_steps=2, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert abs(base - with_lora).max() > 1e-5
+
+    refused = run_script("python", SCRIPT, tiny_args(
+        tiny_paths, output_dir, max_train_steps=3, no_attribute_concentration=True, resume_from_checkpoint="latest"), check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout
+    assert "--lora_layers: 'attn2.to_k,attn2.to_v' in the checkpoint, 'to_q,to_k,to_v,to_out.0' now" in refused.stdout
+
+
+def test_checkpoints_from_before_lora_layers_resume_with_the_default_layers():
+    from utils.training import check_resume_settings
+
+    current = {"rank": 4, "lora_layers": "to_q,to_k,to_v,to_out.0"}
+    check_resume_settings({"rank": 4}, current, "checkpoint-2")
+    with pytest.raises(ValueError, match="--lora_layers: 'to_q,to_k,to_v,to_out.0' in the checkpoint, 'attn2.to_k' now"):
+        check_resume_settings({"rank": 4}, {**current, "lora_layers": "attn2.to_k"}, "checkpoint-2")
+
+
 def test_nonfinite_losses_skip_updates_then_abort_with_a_checkpoint(tiny_paths, tmp_path):
     output_dir = str(tmp_path / "nan")
     # A huge learning rate blows the LoRA up after the first update; every later loss is non-finite.

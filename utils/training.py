@@ -64,6 +64,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     model.add_argument("--rank", type=int, default=128, help="LoRA rank of the generator (recipe: 128).")
     model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha; scale = alpha / rank. Default: = rank (the recipe's unscaled LoRA).")
+    model.add_argument("--lora_layers", type=str, default=",".join(LORA_TARGET_MODULES), help="Comma-separated UNet linear layers that get the LoRA, each named by its full name or its end as peft matches it: the default (the recipe) is every attention projection; 'attn2.to_k,attn2.to_v' is only the keys and values of the cross-attention, which read the text.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--train_data", type=str, default=None, help="Prompts: a .txt file (one a line), a .jsonl file with a 'prompt' field, or a Hugging Face dataset name/folder. Default: the built-in compositional prompt set.")
@@ -182,6 +183,8 @@ def validate_args(args, parser):
         parser.error(f"--num_grad_steps {args.num_grad_steps} must be between 1 and --num_inference_steps ({args.num_inference_steps}).")
     if args.hub_token is not None:
         parser.error(f"--hub_token {TOKEN_ON_COMMAND_LINE}")
+    if not parse_lora_layers(args.lora_layers):
+        parser.error(f"--lora_layers names no layer: give comma-separated layer names, e.g. {','.join(LORA_TARGET_MODULES)}.")
     if args.attribute_concentration and not 1 <= args.attention_loss_steps <= args.num_grad_steps:
         parser.error(f"--attention_loss_steps {args.attention_loss_steps} must be between 1 and --num_grad_steps ({args.num_grad_steps}), or pass --no_attribute_concentration.")
     if args.segmenter is not None and ":" not in args.segmenter:
@@ -225,6 +228,23 @@ def warn_about_long_prompts(prompts, tokenizers):
             )
             return too_long
     return 0
+
+
+def parse_lora_layers(value):
+    """``--lora_layers`` as a list of names (empty entries dropped)."""
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def check_lora_layers(unet, layers):
+    """Raise, naming the flag, for a ``--lora_layers`` entry that matches no linear layer of ``unet``."""
+    names = [name for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)]
+    for layer in layers:
+        if not any(name == layer or name.endswith("." + layer) for name in names):
+            examples = sorted({".".join(name.split(".")[-2:]) for name in names if ".attn" in name})[:6]
+            raise ValueError(
+                f"--lora_layers: no linear layer of the UNet is named {layer!r} or ends in '.{layer}'. Name layers by "
+                f"their end, e.g. {', '.join(examples)} (default: {','.join(LORA_TARGET_MODULES)})."
+            )
 
 
 def lora_config(rank, lora_alpha=None, target_modules=LORA_TARGET_MODULES):
@@ -463,7 +483,7 @@ def stop_when_launcher_dies():
 # ranks, which modules have parameters, the optimizer's format) or the order in which prompts are dealt out.
 # Every other flag may change on resume; the learning rates are then applied (see apply_learning_rates).
 RESUME_INVARIANTS = {
-    "rank": "--rank", "lora_alpha": "--lora_alpha", "fidelity_preservation": "--fidelity_preservation",
+    "rank": "--rank", "lora_alpha": "--lora_alpha", "lora_layers": "--lora_layers", "fidelity_preservation": "--fidelity_preservation",
     "discriminator_rank": "--discriminator_rank", "discriminator_model_name_or_path": "--discriminator_model_name_or_path",
     "use_8bit_adam": "--use_8bit_adam", "seed": "--seed", "train_batch_size": "--train_batch_size",
     "gradient_accumulation_steps": "--gradient_accumulation_steps", "num_processes": "the number of processes",
@@ -475,6 +495,7 @@ def resume_settings(args, prompts, num_processes):
     """This run's values of :data:`RESUME_INVARIANTS` (saved in every checkpoint)."""
     settings = {name: getattr(args, name) for name in RESUME_INVARIANTS if hasattr(args, name)}
     settings["lora_alpha"] = args.lora_alpha or args.rank
+    settings["lora_layers"] = ",".join(parse_lora_layers(args.lora_layers))
     if not args.fidelity_preservation:
         del settings["discriminator_rank"], settings["discriminator_model_name_or_path"]
     settings["num_processes"] = num_processes
@@ -485,6 +506,7 @@ def resume_settings(args, prompts, num_processes):
 
 def check_resume_settings(saved, current, checkpoint_dir):
     """Refuse, in one message, a resume whose invariant settings differ from the checkpoint's."""
+    saved = {"lora_layers": ",".join(LORA_TARGET_MODULES), **saved}  # checkpoints from before --lora_layers: the default
     differences = [
         f"{RESUME_INVARIANTS[name]}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now"
         for name in RESUME_INVARIANTS if saved.get(name) != current.get(name)

@@ -80,6 +80,7 @@ from .training import (
     any_process,
     apply_learning_rates,
     broadcast_parameters,
+    check_lora_layers,
     check_replicas_in_sync,
     check_resume_settings,
     configure_logging,
@@ -87,6 +88,7 @@ from .training import (
     lora_config,
     lora_metadata,
     make_accelerator,
+    parse_lora_layers,
     resume_settings,
     sampling_generator,
     stop_when_launcher_dies,
@@ -288,13 +290,14 @@ class CoMatIteration:
 
         # ---- Models and modules --------------------------------------------------------------------
         family.load(args, self.weight_dtype)
+        check_lora_layers(family.unet, parse_lora_layers(args.lora_layers))
         self.caption_scorer = load_caption_scorer(args, self.weight_dtype)
         self.unet, self.vae = family.unet, family.vae
         for model in (self.unet, self.vae, *family.text_encoders):
             model.to(accelerator.device)
         self.caption_scorer.to(accelerator.device)
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.unet.add_adapter(lora_config(args.rank, args.lora_alpha))
+        self.unet.add_adapter(lora_config(args.rank, args.lora_alpha, parse_lora_layers(args.lora_layers)))
         self.lora_parameters = trainable_parameters(self.unet)
         self.attribute_concentration = (
             AttributeConcentration(args, family, accelerator.device, vae_scale_factor) if args.attribute_concentration else None
