@@ -174,7 +174,9 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
 
     robust, prefers_true = adversarial_captioner(str(tmp_path / "world"), 16, steps=2, batch_size=4, dataset_size=8, check_images=4)
     assert robust == str(tmp_path / "world" / "blip-adversarial-16") and 0 <= prefers_true <= 1
-    probed = reward_probe.probe(str(tmp_path / "world"), robust, seeds=1, steps=2, every=1)
+    probed = reward_probe.probe(str(tmp_path / "world"), robust, seeds=1, steps=2, every=1, prompt_set="finetune", split="balanced")
+    distinct_colours = [p for p in world.SPLITS["balanced"][0] if world.swapped_prompt(p) != p]  # 18 of the hash split's 25
+    assert probed["split"] == "balanced" and probed["images"] == len(distinct_colours) == 18
     assert [point["step"] for point in probed["towards"]["prompt"]] == [0, 1, 2]
     assert set(probed["towards"]) == {"prompt", "swapped"} and 0 <= probed["base"]["prompt_accuracy"] <= 1
     assert sum(entry["samples"] for entry in probed["towards_prompt_by_color_pair"].values()) == probed["images"]
@@ -235,6 +237,13 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
                                   recipe["batch_size"], recipe["renders_per_prompt"], 1e-4, 8, seed=0)
     again = load_file(str(tmp_path / "supervised-again" / "lora-2" / "pytorch_lora_weights.safetensors"))
     assert again.keys() == lora.keys() and all(torch.equal(again[key], lora[key]) for key in lora)
+    # --lora_layers: the LoRA on the named layers only (here the cross-attention's keys and values).
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tmp_path / "world" / "sd"), safety_checker=None)
+    supervised_control.train_lora(pipeline, world.FINETUNE_PROMPTS, str(tmp_path / "supervised-kv"), recipe["save_steps"],
+                                  recipe["batch_size"], recipe["renders_per_prompt"], 1e-4, 8, seed=0,
+                                  lora_layers=supervised_control.parse_lora_layers("attn2.to_k,attn2.to_v"))
+    kv = load_file(str(tmp_path / "supervised-kv" / "lora-2" / "pytorch_lora_weights.safetensors"))
+    assert kv and all(".attn2.to_k." in key or ".attn2.to_v." in key for key in kv)
 
 
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():

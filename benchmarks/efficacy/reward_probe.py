@@ -59,14 +59,16 @@ def by_color_pair(prompts, before, after):
     return dict(sorted(pairs.items()))
 
 
-def probe(world_dir, captioner, seeds=3, steps=60, learning_rate=0.01, reduction="sum", every=10, prompt_set="evaluation"):
+def probe(world_dir, captioner, seeds=3, steps=60, learning_rate=0.01, reduction="sum", every=10, prompt_set="evaluation",
+          split="hash"):
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(world_dir, "sd"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     scorer = CaptionScorer.from_pretrained(captioner)
     vae = pipeline.vae.requires_grad_(False)
-    source = world.EVALUATION_PROMPTS if prompt_set == "evaluation" else world.FINETUNE_PROMPTS
+    finetune_prompts, evaluation_prompts = world.SPLITS[split]
+    source = evaluation_prompts if prompt_set == "evaluation" else finetune_prompts
     distinct_colors = [p for p in source if world.swapped_prompt(p) != p]
     prompts = [p for p in distinct_colors for _ in range(seeds)]
     seed_list = [s for _ in distinct_colors for s in range(seeds)]
@@ -96,7 +98,7 @@ def probe(world_dir, captioner, seeds=3, steps=60, learning_rate=0.01, reduction
         if target == "prompt":
             with torch.no_grad():
                 pairs = by_color_pair(prompts, base_arrays, decoded_images(vae, optimised)[1])
-    return dict(captioner=captioner, prompt_set=prompt_set, images=len(prompts), seeds=seeds, steps=steps,
+    return dict(captioner=captioner, prompt_set=prompt_set, split=split, images=len(prompts), seeds=seeds, steps=steps,
                 learning_rate=learning_rate, reduction=reduction, base=base, towards=trajectories, towards_prompt_by_color_pair=pairs)
 
 
@@ -110,12 +112,13 @@ def main(argv=None):
     parser.add_argument("--reduction", choices=["mean", "sum"], default="sum", help="Caption loss reduction (default: sum).")
     parser.add_argument("--every", type=int, default=10, help="Judge the images every N steps (default: 10).")
     parser.add_argument("--prompt_set", choices=["evaluation", "finetune"], default="evaluation", help="The held-out evaluation prompts or the fine-tune prompts, those whose objects differ in colour (default: evaluation).")
+    parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="Whose halves --prompt_set names, as experiment.py's flag (default: hash).")
     parser.add_argument("--output", default="reward_probe.json", help="Where the trajectories are written (JSON).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     start = time.perf_counter()
     result = probe(args.world_dir, args.captioner or os.path.join(args.world_dir, "blip"), args.seeds, args.steps,
-                   args.learning_rate, args.reduction, args.every, args.prompt_set)
+                   args.learning_rate, args.reduction, args.every, args.prompt_set, args.split)
     result["seconds"] = time.perf_counter() - start
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)

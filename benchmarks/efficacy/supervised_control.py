@@ -25,7 +25,7 @@ from benchmarks.efficacy.experiment import (FINETUNE_PROMPT_SETS, GUIDANCE_SCALE
                                             finetune_prompts_of, markdown)
 from benchmarks.efficacy.pretrain import CONDITION_DROPOUT, build_world, denoising_loss, descend, encode_means, images_to_tensor
 from utils import evaluation
-from utils.training import lora_config, lora_metadata, unet_lora_state_dict
+from utils.training import LORA_TARGET_MODULES, lora_config, lora_metadata, parse_lora_layers, unet_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ def encode_renders(pipeline, prompts, renders_per_prompt, seed):
     return encode_means(pipeline.vae, images) * pipeline.vae.config.scaling_factor, scene_prompts
 
 
-def train_lora(pipeline, prompts, output_dir, save_steps, batch_size, renders_per_prompt, learning_rate, rank, seed):
-    """A UNet LoRA of ``rank`` trained on renders of ``prompts`` with the denoising loss; saved at each of ``save_steps``.
-    Returns the LoRA folders by step and the mean loss of the first and last 50 steps."""
+def train_lora(pipeline, prompts, output_dir, save_steps, batch_size, renders_per_prompt, learning_rate, rank, seed,
+               lora_layers=LORA_TARGET_MODULES):
+    """A UNet LoRA of ``rank`` on ``lora_layers`` trained on renders of ``prompts`` with the denoising loss; saved at
+    each of ``save_steps``. Returns the LoRA folders by step and the mean loss of the first and last 50 steps."""
     from diffusers import DDPMScheduler
 
     generator = torch.Generator().manual_seed(seed)
@@ -60,7 +61,7 @@ def train_lora(pipeline, prompts, output_dir, save_steps, batch_size, renders_pe
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     unet = pipeline.unet.requires_grad_(False)
     torch.manual_seed(seed)  # peft draws the LoRA's initial weights from the global generator
-    unet.add_adapter(lora_config(rank))
+    unet.add_adapter(lora_config(rank, target_modules=lora_layers))
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
     folders, losses = {}, []
@@ -96,7 +97,8 @@ def run(args):
         return pipeline
 
     folders, loss = train_lora(load_pipeline(), finetune_prompts, args.output_dir, settings["save_steps"], settings["batch_size"],
-                               settings["renders_per_prompt"], args.learning_rate, args.rank, seed=0)
+                               settings["renders_per_prompt"], args.learning_rate, args.rank, seed=0,
+                               lora_layers=parse_lora_layers(args.lora_layers))
     train_seconds = time.perf_counter() - start
     models = {"base": None, **{f"supervised @ {step}": folder for step, folder in folders.items()}}
 
@@ -104,7 +106,7 @@ def run(args):
     call = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=GUIDANCE_SCALE)
     seeds = list(range(settings["seeds"]))
     scorer = WorldJudgeScorer()
-    results = dict(settings=settings, learning_rate=args.learning_rate, rank=args.rank, finetune_prompt_set=args.finetune_prompts,
+    results = dict(settings=settings, learning_rate=args.learning_rate, rank=args.rank, lora_layers=args.lora_layers, finetune_prompt_set=args.finetune_prompts,
                    split=args.split, finetune_prompts=len(finetune_prompts), loss=loss)
     table = ""
     for half, prompts in (("held-out", world.SPLITS[args.split][1]), ("fine-tune", [p for p in finetune_prompts if " and " in p])):
@@ -133,6 +135,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="A few steps and images: the mechanics, not the result.")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="LoRA learning rate (default: 1e-4, CoMat's).")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8, the CoMat fine-tunes').")
+    parser.add_argument("--lora_layers", default=",".join(LORA_TARGET_MODULES), help="UNet layers with the LoRA, as train_comat.py's flag (default: every attention projection).")
     parser.add_argument("--finetune_prompts", choices=FINETUNE_PROMPT_SETS, default="held-out-pairs",
                         help="The prompts whose renders it trains on, as experiment.py's flag (default: held-out-pairs).")
     parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="The prompt split, as experiment.py's flag (default: hash).")
