@@ -145,6 +145,8 @@ def test_two_processes_keep_identical_lora(family, tiny_paths, tmp_path):
     output_dir = str(tmp_path / "ddp")
     result = run_script("torchrun", SCRIPTS[family], tiny_args(
         tiny_paths, output_dir, base=family, max_train_steps=2,
+        # the default layers run on two processes in test_resume_and_preemption.py and test_two_process_fp16.py
+        lora_layers="attn2.to_k,attn2.to_v",
         # the main process evaluates alignment alone, before the first step and at the last, while the other waits
         eval_prompts="builtin:color", eval_steps=2, eval_num_prompts=1, blip_vqa_model=tiny_paths["blip_vqa"],
     ), num_processes=2)

@@ -157,15 +157,15 @@ def test_lora_with_non_finite_values_is_refused_at_the_end():
         check_replicas_in_sync([torch.tensor([1.0, float("nan")])], accelerator)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_training_run_with_accumulation(precision, tiny_paths, tmp_path):
+@pytest.mark.parametrize("precision,lora_layers", [("fp16", None), ("bf16", None), ("fp16", "attn2.to_k,attn2.to_v")])
+def test_half_precision_training_run_with_accumulation(precision, lora_layers, tiny_paths, tmp_path):
     """The whole script: accumulation 2, a checkpoint (with the loss scale under fp16), a finite, trained LoRA, and
-    the alignment evaluation rendered in half precision."""
+    the alignment evaluation rendered in half precision; also with the LoRA on the cross-attention keys/values only."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output_dir = tmp_path / precision
     run_script("python", "train_comat.py", tiny_args(
-        tiny_paths, str(output_dir), mixed_precision=precision, gradient_accumulation_steps=2, train_batch_size=1,
+        tiny_paths, str(output_dir), mixed_precision=precision, gradient_accumulation_steps=2, train_batch_size=1, lora_layers=lora_layers,
         num_inference_steps=2, num_grad_steps=1, attention_loss_steps=1, max_train_steps=2, checkpointing_steps=1,
         gradient_checkpointing=True, report_to="tensorboard",
         eval_prompts="builtin:color", eval_steps=2, eval_num_prompts=1, blip_vqa_model=tiny_paths["blip_vqa"],

@@ -290,14 +290,15 @@ class CoMatIteration:
 
         # ---- Models and modules --------------------------------------------------------------------
         family.load(args, self.weight_dtype)
-        check_lora_layers(family.unet, parse_lora_layers(args.lora_layers))
+        lora_layers = parse_lora_layers(args.lora_layers)
+        check_lora_layers(family.unet, lora_layers)
         self.caption_scorer = load_caption_scorer(args, self.weight_dtype)
         self.unet, self.vae = family.unet, family.vae
         for model in (self.unet, self.vae, *family.text_encoders):
             model.to(accelerator.device)
         self.caption_scorer.to(accelerator.device)
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.unet.add_adapter(lora_config(args.rank, args.lora_alpha, parse_lora_layers(args.lora_layers)))
+        self.unet.add_adapter(lora_config(args.rank, args.lora_alpha, lora_layers))
         self.lora_parameters = trainable_parameters(self.unet)
         self.attribute_concentration = (
             AttributeConcentration(args, family, accelerator.device, vae_scale_factor) if args.attribute_concentration else None
