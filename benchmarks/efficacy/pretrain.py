@@ -12,12 +12,14 @@
   ``reward_probe.py``); CoMat follows that gradient.
 
 Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
-recipe retrains the captioner only.
+recipe retrains the captioner only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
+says, so that the same command builds the same world bit for bit on any machine of the same kind.
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.pretrain --world_dir world
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +42,8 @@ RECIPES = {
     "full": dict(vae_steps=500, vae_batch_size=32, unet_steps=2200, captioner_steps=1500, batch_size=64, dataset_size=24000, check_images=500),
     "quick": dict(vae_steps=4, vae_batch_size=8, unet_steps=4, captioner_steps=4, batch_size=8, dataset_size=64, check_images=8),
 }
+# The world is the same bit for bit only when built on the same number of threads (build_threads), whatever the machine's.
+BUILD_THREADS = 2
 CONDITION_DROPOUT = 0.1  # share of empty prompts in the generator's training, for classifier-free guidance
 GENERATOR_SETTINGS = ("vae_steps", "vae_batch_size", "unet_steps", "batch_size", "dataset_size", "check_images")
 CAPTIONER_SETTINGS = ("captioner_steps", "batch_size", "dataset_size", "check_images")
@@ -304,6 +308,18 @@ def swap_preference(model, processor, num_images=400, seed=12345):
     return prefers_true / num_images
 
 
+@contextlib.contextmanager
+def build_threads(count):
+    """Runs the block on ``count`` CPU threads: float sums split over another number of threads round differently,
+    and 2,000 training steps grow that into another world (same seed, same machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def build_world(world_dir, recipe="full", seed=0):
     """Train and save every model of the world into ``world_dir``; a part already built with the same settings is
     reused. Returns the summary written to ``world_complete.json``."""
@@ -323,38 +339,39 @@ def build_world(world_dir, recipe="full", seed=0):
         logger.info(f"World models found complete in {world_dir}")
         return summary
     os.makedirs(world_dir, exist_ok=True)
-    torch.manual_seed(seed)
-    checked = settings["check_images"]
+    with build_threads(BUILD_THREADS):
+        torch.manual_seed(seed)
+        checked = settings["check_images"]
 
-    if "generator" not in summary:
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed)
-        images, prompts = dataset(world.pretraining_sample, settings["dataset_size"], seed)
-        vae, latents = train_vae(images, settings["vae_steps"], settings["vae_batch_size"], generator)
-        vae_accuracy = reconstruction_accuracy(vae, images[:checked], prompts[:checked])
-        logger.info(f"VAE: the judge reads {100 * vae_accuracy:.1f}% of reconstructed images right")
-        vae_seconds = time.perf_counter() - start
-        tokenizer, text_encoder, unet, scheduler = train_generator(latents, prompts, settings["unet_steps"], settings["batch_size"], generator)
-        StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).save_pretrained(os.path.join(world_dir, "sd"))
-        summary["generator"] = dict(settings=wanted["generator"], vae_reconstruction_judge_accuracy=vae_accuracy,
-                                    seconds=dict(vae=vae_seconds, generator=time.perf_counter() - start - vae_seconds))
-        _write_summary(marker, summary)
+        if "generator" not in summary:
+            start = time.perf_counter()
+            generator = torch.Generator().manual_seed(seed)
+            images, prompts = dataset(world.pretraining_sample, settings["dataset_size"], seed)
+            vae, latents = train_vae(images, settings["vae_steps"], settings["vae_batch_size"], generator)
+            vae_accuracy = reconstruction_accuracy(vae, images[:checked], prompts[:checked])
+            logger.info(f"VAE: the judge reads {100 * vae_accuracy:.1f}% of reconstructed images right")
+            vae_seconds = time.perf_counter() - start
+            tokenizer, text_encoder, unet, scheduler = train_generator(latents, prompts, settings["unet_steps"], settings["batch_size"], generator)
+            StableDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            ).save_pretrained(os.path.join(world_dir, "sd"))
+            summary["generator"] = dict(settings=wanted["generator"], threads=BUILD_THREADS, vae_reconstruction_judge_accuracy=vae_accuracy,
+                                        seconds=dict(vae=vae_seconds, generator=time.perf_counter() - start - vae_seconds))
+            _write_summary(marker, summary)
 
-    if "captioner" not in summary:
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed + 1)
-        vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
-        caption_images, caption_prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
-        captioner, processor = train_captioner(caption_images, reconstruct(vae, caption_images), caption_prompts,
-                                               settings["captioner_steps"], settings["batch_size"], generator)
-        captioner.save_pretrained(os.path.join(world_dir, "blip"))
-        processor.save_pretrained(os.path.join(world_dir, "blip"))
-        summary["captioner"] = dict(settings=wanted["captioner"], seconds=time.perf_counter() - start,
-                                    prefers_true_caption=swap_preference(captioner, processor, num_images=checked))
-        _write_summary(marker, summary)
+        if "captioner" not in summary:
+            start = time.perf_counter()
+            generator = torch.Generator().manual_seed(seed + 1)
+            vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
+            caption_images, caption_prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
+            captioner, processor = train_captioner(caption_images, reconstruct(vae, caption_images), caption_prompts,
+                                                   settings["captioner_steps"], settings["batch_size"], generator)
+            captioner.save_pretrained(os.path.join(world_dir, "blip"))
+            processor.save_pretrained(os.path.join(world_dir, "blip"))
+            summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
+                                        prefers_true_caption=swap_preference(captioner, processor, num_images=checked))
+            _write_summary(marker, summary)
     logger.info(f"World built: {summary}")
     return summary
 
