@@ -34,6 +34,43 @@ def test_the_judge_names_missing_objects_and_colour_leaks():
     assert world.background_cleanliness(blank) == 1.0 and world.parse_image(blank) == []
 
 
+def test_hardening_captions_what_the_judge_sees_smudges_and_empty_images_included():
+    from benchmarks.efficacy.harden_captioner import annotate
+
+    rng = np.random.default_rng(1)
+    for prompt in ("a red circle and a blue square", "a yellow triangle"):
+        assert annotate(world.render(world.objects_of(prompt), rng)) == prompt
+    blank = np.full((32, 32, 3), world.BACKGROUND, dtype=np.uint8)
+    assert annotate(blank) == "nothing"
+    smudged = world.render(world.objects_of("a green square and a red circle"), rng)
+    smudged[:, 16:] = world.BACKGROUND
+    smudged[8:24, 20:28] = (128, 0, 128)  # a colour farther than MAX_COLOR_DISTANCE from every palette colour
+    assert annotate(smudged) == "a green square and a smudge"
+
+
+def test_judge_agreement_is_the_auc_of_the_caption_loss_against_the_judges_verdict():
+    from benchmarks.efficacy.judge_agreement import judge_agreement
+
+    rng = np.random.default_rng(3)
+    prompt = "a red circle and a blue square"
+    right = world.render(world.objects_of(prompt), rng)
+    wrong = world.render(world.objects_of(world.swapped_prompt(prompt)), rng)
+    generations = {"model": evaluation.Generation("model", [prompt] * 3, [0, 1, 2], images=[right, wrong, wrong])}
+
+    class RedOnTheLeft:  # a stand-in captioner: loss 1 where the left half is red, else 5 (here: the right image only)
+        def __init__(self, sign):
+            self.sign = sign
+
+        def loss(self, images, prompts, reduction):
+            red_left = images[:, 0, :, :16].mean() > images[:, 2, :, :16].mean()
+            return torch.tensor(3.0 - 2.0 * self.sign * (1 if red_left else -1))
+
+    agreeing = judge_agreement(RedOnTheLeft(1), generations)
+    assert agreeing["auc"] == 1.0 and agreeing["models"]["model"]["read_as_prompt"] == pytest.approx(1 / 3)
+    assert (agreeing["models"]["model"]["loss_right"], agreeing["models"]["model"]["loss_wrong"]) == (1.0, 5.0)
+    assert judge_agreement(RedOnTheLeft(-1), generations)["auc"] == 0.0
+
+
 def test_scorer_splits_full_prompt_accuracy_into_shapes_and_colour_binding():
     from benchmarks.efficacy.experiment import WorldJudgeScorer
 
@@ -181,6 +218,25 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert set(probed["towards"]) == {"prompt", "swapped"} and 0 <= probed["base"]["prompt_accuracy"] <= 1
     assert sum(entry["samples"] for entry in probed["towards_prompt_by_color_pair"].values()) == probed["images"]
 
+    from benchmarks.efficacy import harden_captioner
+
+    fine_tuned = str(output_dir / "runs" / "full_CoMat")
+    hardened = harden_captioner.harden(str(tmp_path / "world"), robust, str(tmp_path / "world" / "blip-hardened"), recipe="quick",
+                                       generator_loras=[fine_tuned], lora_seeds=1)
+    prompts = len(world.SPLITS["balanced"][0])
+    assert [entry["pool"] for entry in hardened["rounds"]] == [prompts + 2 * prompts]  # the LoRA's, the base's, one snapshot
+    assert hardened["generator_loras"][fine_tuned]["images"] == prompts
+    for agreement in hardened["judge_agreement"].values():  # on the evaluation prompts, base and the LoRA
+        assert set(agreement["models"]) == {"base", fine_tuned} and (agreement["auc"] is None or 0 <= agreement["auc"] <= 1)
+    from benchmarks.efficacy import judge_agreement
+
+    measured = judge_agreement.measure(str(tmp_path / "world"), [robust, str(tmp_path / "world" / "blip-hardened")], [fine_tuned],
+                                       "finetune", seeds=(100,))
+    assert measured["prompts"] == prompts and len(measured["captioners"]) == 2
+    assert all(set(agreement["models"]) == {"base", fine_tuned} for agreement in measured["captioners"].values())
+    assert 0 <= hardened["prefers_true_caption"] <= 1 and (tmp_path / "world" / "blip-hardened" / "model.safetensors").is_file()
+    assert json.load(open(tmp_path / "world" / "blip-hardened" / "hardening.json"))["captioner"] == robust
+
     from benchmarks.efficacy import single_prompt
 
     single_dir = tmp_path / "single"
@@ -215,8 +271,8 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     from benchmarks.efficacy import attention_localisation
 
     located = attention_localisation.localisation(str(tmp_path / "world"), seeds=1, num_inference_steps=quick_steps)
-    for entry in located["groups"].values():  # groups with no drawn object are absent; shares are probabilities
-        assert entry["entities"] > 0 and all(0 <= entry[name] <= 1 for name in ("mask", "uniform", "mirrored"))
+    for entry in located["groups"].values():  # groups with no drawn object are absent; shares are probabilities (float sums)
+        assert entry["entities"] > 0 and all(-1e-6 <= entry[name] <= 1 + 1e-6 for name in ("mask", "uniform", "mirrored"))
 
     from benchmarks.efficacy import supervised_control
 
@@ -246,6 +302,27 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert kv and all(".attn2.to_k." in key or ".attn2.to_v." in key for key in kv)
 
 
+def test_the_world_is_built_on_a_fixed_number_of_threads_whatever_the_callers(tmp_path, monkeypatch):
+    from benchmarks.efficacy import pretrain
+
+    seen = []
+
+    def record_threads(*args):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(pretrain, "train_vae", record_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if pretrain.BUILD_THREADS != 1 else 3)
+    try:
+        with pytest.raises(RuntimeError, match="stop before training"):
+            pretrain.build_world(str(tmp_path / "world"), "quick")
+        assert seen == [pretrain.BUILD_THREADS]
+        assert torch.get_num_threads() == (1 if pretrain.BUILD_THREADS != 1 else 3)  # the caller's count restored
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
     from benchmarks.efficacy.pretrain import augment
 
@@ -254,6 +331,25 @@ def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
     assert first.shape == images.shape and first.min() >= 0 and first.max() <= 1
     assert torch.equal(first, augment(images, reconstructions, torch.Generator().manual_seed(0)))
     assert not torch.equal(first, images)
+
+
+@pytest.mark.parametrize("module, flags, named", [
+    ("harden_captioner", ["--world_dir", "{tmp}"], "--world_dir"),
+    ("harden_captioner", ["--world_dir", "{world}", "--generator_loras", "{tmp}"], "--generator_loras"),
+    ("judge_agreement", ["--captioners", "{tmp}/missing"], "--captioners"),
+    ("judge_agreement", ["--captioners", "{world}/blip", "--loras", "{tmp}"], "--loras"),
+])
+def test_captioner_tools_name_a_missing_model_before_loading_anything(module, flags, named, tmp_path, capsys):
+    import importlib
+
+    fake_world = tmp_path / "world"
+    for folder in ("sd", "blip"):
+        (fake_world / folder).mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.efficacy.{module}").main(
+            [flag.format(tmp=tmp_path, world=fake_world) for flag in flags])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    assert not (fake_world / "blip-hardened").exists()
 
 
 @pytest.mark.parametrize("flags, named", [(["--prompt", "a red circle"], "--prompt"), (["--prompt", "a pink circle and a red square"], "--prompt"),
