@@ -223,7 +223,7 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     fine_tuned = str(output_dir / "runs" / "full_CoMat")
     hardened = harden_captioner.harden(str(tmp_path / "world"), robust, str(tmp_path / "world" / "blip-hardened"), recipe="quick",
                                        generator_loras=[fine_tuned], lora_seeds=1)
-    prompts = len(world.SPLITS["balanced"][0])
+    prompts = harden_captioner.RECIPES["quick"]["prompts"]  # the first of the split's fine-tune and evaluation prompts
     assert [entry["pool"] for entry in hardened["rounds"]] == [prompts + 2 * prompts]  # the LoRA's, the base's, one snapshot
     assert hardened["generator_loras"][fine_tuned]["images"] == prompts
     for agreement in hardened["judge_agreement"].values():  # on the evaluation prompts, base and the LoRA
@@ -231,8 +231,8 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     from benchmarks.efficacy import judge_agreement
 
     measured = judge_agreement.measure(str(tmp_path / "world"), [robust, str(tmp_path / "world" / "blip-hardened")], [fine_tuned],
-                                       "finetune", seeds=(100,))
-    assert measured["prompts"] == prompts and len(measured["captioners"]) == 2
+                                       seeds=(100,), prompts=world.SPLITS["balanced"][0][:2])
+    assert measured["prompts"] == 2 and len(measured["captioners"]) == 2
     assert all(set(agreement["models"]) == {"base", fine_tuned} for agreement in measured["captioners"].values())
     assert 0 <= hardened["prefers_true_caption"] <= 1 and (tmp_path / "world" / "blip-hardened" / "model.safetensors").is_file()
     assert json.load(open(tmp_path / "world" / "blip-hardened" / "hardening.json"))["captioner"] == robust

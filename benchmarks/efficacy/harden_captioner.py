@@ -41,13 +41,14 @@ logger = logging.getLogger(__name__)
 UNNAMED_OBJECT = "a smudge"
 EMPTY_IMAGE = "nothing"
 MAX_CAPTIONED_OBJECTS = 4  # more components than this are captioned as their first four (left to right)
+# prompts: how many of the split's fine-tune and evaluation prompts are used (None: all).
 RECIPES = {
     "full": dict(rounds=6, seeds_per_round=2, attack_steps=40, attack_learning_rate=0.05, snapshots=(10, 20, 40),
                  train_steps_per_round=80, batch_size=64, learning_rate=2e-4, dataset_size=8000, check_images=200,
-                 agreement_seeds=4),
+                 agreement_seeds=4, prompts=None),
     "quick": dict(rounds=1, seeds_per_round=1, attack_steps=2, attack_learning_rate=0.05, snapshots=(2,),
                   train_steps_per_round=2, batch_size=4, learning_rate=2e-4, dataset_size=8, check_images=4,
-                  agreement_seeds=1),
+                  agreement_seeds=1, prompts=2),
 }
 
 
@@ -112,10 +113,10 @@ def harden(world_dir, captioner, output, split="balanced", recipe="full", genera
     vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
     renders, render_captions = dataset(world.captioner_sample, settings["dataset_size"], seed)
     reconstructions = reconstruct(vae, renders)
-    finetune_prompts = world.SPLITS[split][0]
+    finetune_prompts, evaluation_prompts = (half[: settings["prompts"]] for half in world.SPLITS[split])
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=1e-2)
     pool_images, pool_captions, rounds, lora_samples = [], [], [], {}
-    held_out = evaluation.generate(pipeline, {"base": None, **{lora: lora for lora in generator_loras}}, world.SPLITS[split][1],
+    held_out = evaluation.generate(pipeline, {"base": None, **{lora: lora for lora in generator_loras}}, evaluation_prompts,
                                    list(SEEDS[: settings["agreement_seeds"]]), show_progress=False,
                                    num_inference_steps=20, guidance_scale=7.5)
     agreement_before = judge_agreement(scorer, held_out)

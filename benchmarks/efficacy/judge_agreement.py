@@ -51,14 +51,16 @@ def judge_agreement(scorer, generations):
     return dict(auc=auc, models=models)
 
 
-def measure(world_dir, captioners, loras, prompt_set="evaluation", split="balanced", seeds=SEEDS):
-    """:func:`judge_agreement` of each captioner on the base model's and each LoRA's samples of the split's prompts."""
+def measure(world_dir, captioners, loras, prompt_set="evaluation", split="balanced", seeds=SEEDS, prompts=None):
+    """:func:`judge_agreement` of each captioner on the base model's and each LoRA's samples of ``prompts`` (default:
+    the split's ``prompt_set``)."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(world_dir, "sd"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
-    finetune_prompts, evaluation_prompts = world.SPLITS[split]
-    prompts = evaluation_prompts if prompt_set == "evaluation" else finetune_prompts
+    if prompts is None:
+        finetune_prompts, evaluation_prompts = world.SPLITS[split]
+        prompts = evaluation_prompts if prompt_set == "evaluation" else finetune_prompts
     generations = evaluation.generate(pipeline, {"base": None, **{lora: lora for lora in loras}}, prompts, list(seeds),
                                       show_progress=False, num_inference_steps=20, guidance_scale=7.5)
     return dict(prompt_set=prompt_set, split=split, seeds=list(seeds), prompts=len(prompts),
