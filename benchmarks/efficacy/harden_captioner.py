@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.efficacy import world
 from benchmarks.efficacy.judge_agreement import SEEDS, judge_agreement
-from benchmarks.efficacy.pretrain import CAPTION_PREFIX, augment, dataset, reconstruct, swap_preference
+from benchmarks.efficacy.pretrain import CAPTION_PREFIX, augment, dataset, images_to_tensor, reconstruct, swap_preference
 from benchmarks.efficacy.reward_probe import decoded_images
 from utils import evaluation
 from utils.concept_matching import CaptionScorer, caption_nll
@@ -97,7 +97,7 @@ def harden(world_dir, captioner, output, split="balanced", recipe="full", genera
     ``hardening.json`` (per round: how far the attack got; per LoRA: its samples; both read by the judge; before and
     after: ``judge_agreement`` on the base model's and those LoRAs' samples of the split's evaluation prompts, never
     trained on), and returns that summary."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     settings = RECIPES[recipe]
@@ -110,9 +110,8 @@ def harden(world_dir, captioner, output, split="balanced", recipe="full", genera
     pipeline.set_progress_bar_config(disable=True)
     pipeline.vae.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
     renders, render_captions = dataset(world.captioner_sample, settings["dataset_size"], seed)
-    reconstructions = reconstruct(vae, renders)
+    reconstructions = reconstruct(pipeline.vae, renders)
     finetune_prompts, evaluation_prompts = (half[: settings["prompts"]] for half in world.SPLITS[split])
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=1e-2)
     pool_images, pool_captions, rounds, lora_samples = [], [], [], {}
@@ -141,7 +140,7 @@ def harden(world_dir, captioner, output, split="balanced", recipe="full", genera
         captions = [annotate(image) for image in images]
         pool_images += images
         pool_captions += captions
-        pool = torch.from_numpy(np.stack(pool_images)).permute(0, 3, 1, 2).float() / 255.0
+        pool = images_to_tensor(pool_images)
         model.train().requires_grad_(True)
         for _ in range(settings["train_steps_per_round"]):
             real = torch.randint(len(render_captions), (half,), generator=generator).tolist()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks.efficacy import world
+from benchmarks.efficacy.pretrain import images_to_tensor
 from utils import evaluation
 from utils.concept_matching import CaptionScorer
 
@@ -35,7 +36,7 @@ def judge_agreement(scorer, generations):
     for name, generation in generations.items():
         right = [world.judge(image, prompt)["full_prompt"] for image, prompt in zip(generation.images, generation.prompts)]
         with torch.no_grad():
-            loss = [scorer.loss(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0, [prompt], "sum").item()
+            loss = [scorer.loss(images_to_tensor([image]), [prompt], "sum").item()
                     for image, prompt in zip(generation.images, generation.prompts)]
         models[name] = dict(read_as_prompt=float(np.mean(right)), loss=float(np.mean(loss)),
                             loss_right=float(np.mean([l for l, r in zip(loss, right) if r])) if any(right) else None,
