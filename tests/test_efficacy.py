@@ -257,11 +257,11 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
 
     from benchmarks.efficacy import adversarial_probe
 
-    # A discriminator saved in a checkpoint of a real train_comat.py run, probed along the generator's adversarial loss.
-    probe_run = experiment.finetune("full CoMat", [], str(tmp_path / "world"), str(tmp_path / "probe-run"),
-                                    experiment.SETTINGS["quick"], 1, checkpointing_steps=1)
+    # The discriminator saved in the last-step checkpoint of the full CoMat run above, probed along the generator's
+    # adversarial loss.
+    last_checkpoint = output_dir / "runs" / "full_CoMat" / f"checkpoint-{experiment.SETTINGS['quick']['max_train_steps']}"
     quick_steps = experiment.SETTINGS["quick"]["num_inference_steps"]
-    probed = adversarial_probe.probe(str(tmp_path / "world"), os.path.join(probe_run, "checkpoint-1"), seeds=1, steps=2, every=1,
+    probed = adversarial_probe.probe(str(tmp_path / "world"), str(last_checkpoint), seeds=1, steps=2, every=1,
                                      num_inference_steps=quick_steps)
     assert [point["step"] for point in probed["along_adversarial_loss"]] == [0, 1, 2]
     assert probed["images"] == len(world.FINETUNE_PROMPTS)
