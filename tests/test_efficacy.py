@@ -49,7 +49,7 @@ def test_hardening_captions_what_the_judge_sees_smudges_and_empty_images_include
 
 
 def test_judge_agreement_is_the_auc_of_the_caption_loss_against_the_judges_verdict():
-    from benchmarks.efficacy.judge_agreement import judge_agreement
+    from benchmarks.efficacy.judge_agreement import judge_agreement, negative_captions
 
     rng = np.random.default_rng(3)
     prompt = "a red circle and a blue square"
@@ -69,6 +69,19 @@ def test_judge_agreement_is_the_auc_of_the_caption_loss_against_the_judges_verdi
     assert agreeing["auc"] == 1.0 and agreeing["models"]["model"]["read_as_prompt"] == pytest.approx(1 / 3)
     assert (agreeing["models"]["model"]["loss_right"], agreeing["models"]["model"]["loss_wrong"]) == (1.0, 5.0)
     assert judge_agreement(RedOnTheLeft(-1), generations)["auc"] == 0.0
+
+    class ReadsTheLeftColour:  # a stand-in that reads one thing: loss 1 where the caption starts with the left colour, else 5
+        def loss(self, images, prompts, reduction):
+            left = "red" if images[:, 0, :, :16].mean() > images[:, 2, :, :16].mean() else "blue"
+            return torch.tensor(1.0 if prompts[0].startswith(f"a {left}") else 5.0)
+
+    assert negative_captions(prompt) == ["a red circle", "a blue square", "a blue circle and a red square"]
+    contrasted = judge_agreement(ReadsTheLeftColour(), generations, contrastive=True)
+    # The right image: its prompt and "a red circle" at 1, the other two at 5; the wrong ones the reverse.
+    expected_right = 1 + float(torch.logsumexp(torch.tensor([-1.0, -1.0, -5.0, -5.0]), 0))
+    expected_wrong = 5 + float(torch.logsumexp(torch.tensor([-5.0, -5.0, -1.0, -1.0]), 0))
+    assert contrasted["models"]["model"]["contrastive_loss"] == pytest.approx((expected_right + 2 * expected_wrong) / 3)
+    assert contrasted["contrastive_auc"] == 1.0 and "contrastive_auc" not in agreeing
 
 
 def test_scorer_splits_full_prompt_accuracy_into_shapes_and_colour_binding():
@@ -231,8 +244,9 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     from benchmarks.efficacy import judge_agreement
 
     measured = judge_agreement.measure(str(tmp_path / "world"), [robust, str(tmp_path / "world" / "blip-hardened")], [fine_tuned],
-                                       seeds=(100,), prompts=world.SPLITS["balanced"][0][:2])
+                                       seeds=(100,), prompts=world.SPLITS["balanced"][0][:2], contrastive=True)
     assert measured["prompts"] == 2 and len(measured["captioners"]) == 2
+    assert all("contrastive_loss" in entry for agreement in measured["captioners"].values() for entry in agreement["models"].values())
     assert all(set(agreement["models"]) == {"base", fine_tuned} for agreement in measured["captioners"].values())
     assert 0 <= hardened["prefers_true_caption"] <= 1 and (tmp_path / "world" / "blip-hardened" / "model.safetensors").is_file()
     assert json.load(open(tmp_path / "world" / "blip-hardened" / "hardening.json"))["captioner"] == robust

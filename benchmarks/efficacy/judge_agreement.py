@@ -5,10 +5,12 @@ reads as its prompt. This samples the base model and LoRAs on the same prompts a
 per model, the share of images the judge reads as the prompt and the mean caption loss of the prompt (sum over
 tokens), and over all images the ROC AUC of the loss against the judge's verdict. A LoRA whose images the captioner
 scores better than the base model's while the judge reads fewer right has hacked it; comparing the fine-tune
-prompts with the held-out ones says whether the hack is learned per prompt.
+prompts with the held-out ones says whether the hack is learned per prompt. ``--contrastive`` also measures a
+contrastive caption score, the prompt's loss against those of its attribute swap and of each of its objects alone
+(``contrastive_loss``): whether a score that an image drawing only part of its prompt cannot satisfy ranks better.
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.judge_agreement --world_dir world --captioners world/blip \
-        --loras efficacy-results/RUN/runs/full_CoMat --prompt_set finetune --split balanced --output agreement.json
+        --loras efficacy-results/RUN/runs/full_CoMat --prompt_set finetune --split balanced --output agreement.json [--contrastive]
 """
 
 import argparse
@@ -28,31 +30,60 @@ logger = logging.getLogger(__name__)
 SEEDS = (100, 101, 102, 103)  # not the evaluation's seeds (0–7), nor the hardening's (1000+, 2000+)
 
 
-def judge_agreement(scorer, generations):
+def negative_captions(prompt):
+    """What a part of the prompt would be captioned: each of its objects alone, and its attribute swap where that differs."""
+    objects = world.objects_of(prompt)
+    negatives = [world.prompt_of([obj]) for obj in objects]
+    if len(objects) == 2 and world.swapped_prompt(prompt) != prompt:
+        negatives.append(world.swapped_prompt(prompt))
+    return negatives
+
+
+def contrastive_loss(scorer, image, prompt):
+    """−log of the prompt's share of the caption probability among the prompt and its :func:`negative_captions`:
+    log 1 = 0 where the image shows the prompt, log(1 + n) where it fits the n negatives as well."""
+    losses = torch.stack([scorer.loss(image, [caption], "sum") for caption in [prompt] + negative_captions(prompt)])
+    return (losses[0] + torch.logsumexp(-losses, dim=0)).item()
+
+
+def _auc(losses, rights):
+    """The probability that an image the judge reads right has the lower loss than one it reads wrong."""
+    right_losses = np.array([l for l, r in zip(losses, rights) if r])
+    wrong_losses = np.array([l for l, r in zip(losses, rights) if not r])
+    if not len(right_losses) or not len(wrong_losses):
+        return None
+    pairs = right_losses[:, None] - wrong_losses[None]
+    return float((pairs < 0).mean() + 0.5 * (pairs == 0).mean())
+
+
+def judge_agreement(scorer, generations, contrastive=False):
     """How well ``scorer``'s caption loss ranks generated images as the judge does: per model, the share of its images
     the judge reads as their prompt and the mean loss of the prompt on those and on the others; over all images, the
-    probability that a right image has the lower loss than a wrong one (ROC AUC; 0.5: no better than chance)."""
-    losses, rights, models = [], [], {}
+    probability that a right image has the lower loss than a wrong one (ROC AUC; 0.5: no better than chance).
+    ``contrastive``: also the mean :func:`contrastive_loss` per model and its AUC (``contrastive_auc``)."""
+    losses, contrastive_losses, rights, models = [], [], [], {}
     for name, generation in generations.items():
         right = [world.judge(image, prompt)["full_prompt"] for image, prompt in zip(generation.images, generation.prompts)]
         with torch.no_grad():
             loss = [scorer.loss(images_to_tensor([image]), [prompt], "sum").item()
                     for image, prompt in zip(generation.images, generation.prompts)]
+            contrasted = [contrastive_loss(scorer, images_to_tensor([image]), prompt)
+                          for image, prompt in zip(generation.images, generation.prompts)] if contrastive else []
         models[name] = dict(read_as_prompt=float(np.mean(right)), loss=float(np.mean(loss)),
                             loss_right=float(np.mean([l for l, r in zip(loss, right) if r])) if any(right) else None,
                             loss_wrong=float(np.mean([l for l, r in zip(loss, right) if not r])) if not all(right) else None)
+        if contrastive:
+            models[name]["contrastive_loss"] = float(np.mean(contrasted))
         losses += loss
+        contrastive_losses += contrasted
         rights += right
-    right_losses = np.array([l for l, r in zip(losses, rights) if r])
-    wrong_losses = np.array([l for l, r in zip(losses, rights) if not r])
-    auc = None
-    if len(right_losses) and len(wrong_losses):
-        pairs = right_losses[:, None] - wrong_losses[None]
-        auc = float((pairs < 0).mean() + 0.5 * (pairs == 0).mean())
-    return dict(auc=auc, models=models)
+    result = dict(auc=_auc(losses, rights), models=models)
+    if contrastive:
+        result["contrastive_auc"] = _auc(contrastive_losses, rights)
+    return result
 
 
-def measure(world_dir, captioners, loras, prompt_set="evaluation", split="balanced", seeds=SEEDS, prompts=None):
+def measure(world_dir, captioners, loras, prompt_set="evaluation", split="balanced", seeds=SEEDS, prompts=None, contrastive=False):
     """:func:`judge_agreement` of each captioner on the base model's and each LoRA's samples of ``prompts`` (default:
     the split's ``prompt_set``)."""
     from diffusers import StableDiffusionPipeline
@@ -65,7 +96,8 @@ def measure(world_dir, captioners, loras, prompt_set="evaluation", split="balanc
     generations = evaluation.generate(pipeline, {"base": None, **{lora: lora for lora in loras}}, prompts, list(seeds),
                                       show_progress=False, num_inference_steps=20, guidance_scale=7.5)
     return dict(prompt_set=prompt_set, split=split, seeds=list(seeds), prompts=len(prompts),
-                captioners={captioner: judge_agreement(CaptionScorer.from_pretrained(captioner), generations) for captioner in captioners})
+                captioners={captioner: judge_agreement(CaptionScorer.from_pretrained(captioner), generations, contrastive)
+                            for captioner in captioners})
 
 
 def main(argv=None):
@@ -75,6 +107,7 @@ def main(argv=None):
     parser.add_argument("--loras", default="", help="Comma-separated LoRA folders (train_comat.py outputs or checkpoints) sampled beside the base model (default: none).")
     parser.add_argument("--prompt_set", choices=["evaluation", "finetune"], default="evaluation", help="The split's held-out evaluation prompts or its fine-tune prompts (default: evaluation).")
     parser.add_argument("--split", choices=list(world.SPLITS), default="balanced", help="As experiment.py's flag (default: balanced).")
+    parser.add_argument("--contrastive", action="store_true", help="Also measure the contrastive caption score (the prompt against its swap and its objects alone; default: off).")
     parser.add_argument("--output", default="judge_agreement.json", help="Where the results are written (JSON).")
     args = parser.parse_args(argv)
     captioners = [c.strip() for c in args.captioners.split(",") if c.strip()]
@@ -86,13 +119,14 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
             parser.error(f"--loras: no pytorch_lora_weights.safetensors in {lora}; pass a train_comat.py output folder or one of its checkpoint-N folders.")
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
-    result = measure(args.world_dir, captioners, loras, args.prompt_set, args.split)
+    result = measure(args.world_dir, captioners, loras, args.prompt_set, args.split, contrastive=args.contrastive)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     for captioner, agreement in result["captioners"].items():
         for name, entry in agreement["models"].items():
-            print(f"{captioner} on {name}: read as the prompt {100 * entry['read_as_prompt']:.1f}%, caption loss {entry['loss']:.2f}")
-        print(f"{captioner}: AUC {agreement['auc']}")
+            contrasted = f", contrastive {entry['contrastive_loss']:.2f}" if "contrastive_loss" in entry else ""
+            print(f"{captioner} on {name}: read as the prompt {100 * entry['read_as_prompt']:.1f}%, caption loss {entry['loss']:.2f}{contrasted}")
+        print(f"{captioner}: AUC {agreement['auc']}" + (f", contrastive AUC {agreement['contrastive_auc']}" if args.contrastive else ""))
     print(args.output)
 
 
