@@ -39,10 +39,11 @@ def negative_captions(prompt):
     return negatives
 
 
-def contrastive_loss(scorer, image, prompt):
-    """−log of the prompt's share of the caption probability among the prompt and its :func:`negative_captions`:
-    log 1 = 0 where the image shows the prompt, log(1 + n) where it fits the n negatives as well."""
-    losses = torch.stack([scorer.loss(image, [caption], "sum") for caption in [prompt] + negative_captions(prompt)])
+def contrastive_loss(scorer, image, prompt, prompt_loss):
+    """−log of the prompt's share of the caption probability among the prompt (its loss ``prompt_loss``, already
+    computed) and its :func:`negative_captions`: 0 where the image shows the prompt, log(1 + n) where it fits the n
+    negatives as well."""
+    losses = torch.tensor([prompt_loss] + [scorer.loss(image, [caption], "sum").item() for caption in negative_captions(prompt)])
     return (losses[0] + torch.logsumexp(-losses, dim=0)).item()
 
 
@@ -64,11 +65,13 @@ def judge_agreement(scorer, generations, contrastive=False):
     losses, contrastive_losses, rights, models = [], [], [], {}
     for name, generation in generations.items():
         right = [world.judge(image, prompt)["full_prompt"] for image, prompt in zip(generation.images, generation.prompts)]
+        loss, contrasted = [], []
         with torch.no_grad():
-            loss = [scorer.loss(images_to_tensor([image]), [prompt], "sum").item()
-                    for image, prompt in zip(generation.images, generation.prompts)]
-            contrasted = [contrastive_loss(scorer, images_to_tensor([image]), prompt)
-                          for image, prompt in zip(generation.images, generation.prompts)] if contrastive else []
+            for image, prompt in zip(generation.images, generation.prompts):
+                pixels = images_to_tensor([image])
+                loss.append(scorer.loss(pixels, [prompt], "sum").item())
+                if contrastive:
+                    contrasted.append(contrastive_loss(scorer, pixels, prompt, loss[-1]))
         models[name] = dict(read_as_prompt=float(np.mean(right)), loss=float(np.mean(loss)),
                             loss_right=float(np.mean([l for l, r in zip(loss, right) if r])) if any(right) else None,
                             loss_wrong=float(np.mean([l for l, r in zip(loss, right) if not r])) if not all(right) else None)
