@@ -34,6 +34,36 @@ def test_the_judge_names_missing_objects_and_colour_leaks():
     assert world.background_cleanliness(blank) == 1.0 and world.parse_image(blank) == []
 
 
+
+def test_off_palette_distance_is_zero_on_renders_and_the_colour_drift_of_a_blend():
+    rng = np.random.default_rng(2)
+    scene = world.render(world.objects_of("a red circle and a yellow square"), rng)
+    assert world.off_palette_distance(scene) == 0.0
+    red, yellow = (np.array(world.COLORS[c], dtype=np.float32) for c in ("red", "yellow"))
+    orange = np.round(0.7 * red + 0.3 * yellow).astype(np.uint8)  # still read as red, 30% of the way to yellow
+    drifted = scene.copy()
+    drifted[(scene == world.COLORS["red"]).all(-1)] = orange
+    assert world.judge(drifted, "a red circle and a yellow square")["full_prompt"]
+    expected = np.linalg.norm(orange.astype(np.float32) - red) / 2  # one object drifted, one on the palette
+    assert world.off_palette_distance(drifted) == pytest.approx(expected, abs=0.5)
+    assert np.isnan(world.off_palette_distance(np.full((32, 32, 3), world.BACKGROUND, dtype=np.uint8)))
+
+
+def test_frechet_terms_separate_a_colour_shift_from_lost_variety():
+    from benchmarks.efficacy.experiment import _downsampled_features, frechet_distance, frechet_terms
+
+    rng = np.random.default_rng(4)
+    renders = [world.render(world.objects_of(prompt), rng) for prompt in world.TWO_OBJECT_PROMPTS[:64]]
+    assert frechet_terms(renders, renders) == pytest.approx((0, 0), abs=1e-5)
+    tinted = [image + np.array([10, 0, 0], dtype=np.uint8) for image in renders]  # no channel exceeds 245: no clipping
+    mean_term, covariance_term = frechet_terms(tinted, renders)
+    assert mean_term == pytest.approx(64 * (10 / 255) ** 2, rel=1e-4) and covariance_term == pytest.approx(0, abs=1e-5)
+    collapsed = [renders[0]] * len(renders)  # one image for every prompt: no variety at all
+    mean_term, covariance_term = frechet_terms(collapsed, renders)
+    variety = np.trace(np.cov(_downsampled_features(renders), rowvar=False))
+    assert covariance_term == pytest.approx(variety, rel=1e-4)
+    assert frechet_distance(collapsed, renders) == pytest.approx(mean_term + covariance_term)
+
 def test_hardening_captions_what_the_judge_sees_smudges_and_empty_images_included():
     from benchmarks.efficacy.harden_captioner import annotate
 
@@ -217,6 +247,8 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     for picture in ("samples.png", "token_activations.png"):
         assert os.path.getsize(output_dir / picture) > 1000
     assert "full prompt accuracy" in (output_dir / "results.md").read_text()
+    assert results["fidelity"]["base"]["frechet_distance_other_seeds"] >= 0
+    assert "object colour off the palette" in (output_dir / "results.md").read_text()
 
     from benchmarks.efficacy import reward_probe
 

@@ -7,8 +7,9 @@
 3. Renders the held-out evaluation prompts (never fine-tuned on, never seen by pretraining in a two-object scene)
    with the stock ``StableDiffusionPipeline``, base and each LoRA, on the same seeds; the exact judge scores
    every image (``utils.evaluation``: bootstrap 95% CIs, paired differences to the base model).
-4. Fidelity: background cleanliness, share of images the judge can parse, and a Fréchet distance between
-   generated and rendered images (8 × 8 × 3 area-downsampled pixels as features).
+4. Fidelity: background cleanliness, share of images the judge can parse, how far the objects' colours are off the
+   palette, and a Fréchet distance between generated and rendered images (8 × 8 × 3 area-downsampled pixels as
+   features), with the base model's on as many other seeds beside it: the distance's own seed noise.
 5. Writes ``OUTPUT/results.json``, ``OUTPUT/results.md`` (the README table), ``OUTPUT/samples.png`` (base vs CoMat,
    same seeds) and ``OUTPUT/token_activations.png`` (``pipeline_comat.py activations``, base vs CoMat).
 
@@ -94,6 +95,7 @@ class WorldJudgeScorer:
                 "seen_pair_color_accuracy": _mean_or_nan([o["color_correct"] for o, h in zip(objects, held_out) if not h]),
                 "parsed": float(verdict["parsed"]),
                 "background_cleanliness": world.background_cleanliness(image),
+                "off_palette_distance": world.off_palette_distance(image),
             })
         return scores
 
@@ -108,14 +110,20 @@ def _sqrtm_psd(matrix):
     return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
 
 
-def frechet_distance(images, reference_images):
-    """Fréchet distance between Gaussian fits of the 8 × 8 × 3 downsampled images of two sets."""
+def frechet_terms(images, reference_images):
+    """The two terms of the Fréchet distance between Gaussian fits of the 8 × 8 × 3 downsampled images of two sets:
+    the squared distance of their means (what is drawn on average: colours, positions) and the covariance term
+    (how the images vary: variety across seeds)."""
     a, b = _downsampled_features(images), _downsampled_features(reference_images)
-    mean_a, mean_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root_a = _sqrtm_psd(cov_a)
     cross = _sqrtm_psd(root_a @ cov_b @ root_a)
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross))
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum()), float(np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross))
+
+
+def frechet_distance(images, reference_images):
+    """Fréchet distance between Gaussian fits of the 8 × 8 × 3 downsampled images of two sets."""
+    return sum(frechet_terms(images, reference_images))
 
 
 def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=None,
@@ -195,10 +203,15 @@ def training_curves(run_dir, window=20):
 
 
 def fidelity(generations, prompts, seeds):
-    """Per model: Fréchet distance of its images to the world's renders of the same prompts."""
+    """Per model: Fréchet distance of its images to the world's renders of the same prompts, and its two terms."""
     rng = np.random.default_rng(777)
     real = [world.render(world.objects_of(prompt), rng) for prompt in prompts for _ in seeds]
-    return {name: {"frechet_distance": frechet_distance(g.images, real)} for name, g in generations.items()}, real
+    by_model = {}
+    for name, generation in generations.items():
+        mean_term, covariance_term = frechet_terms(generation.images, real)
+        by_model[name] = {"frechet_distance": mean_term + covariance_term, "frechet_mean_term": mean_term,
+                          "frechet_covariance_term": covariance_term}
+    return by_model, real
 
 
 def _percent(entry, sign=""):
@@ -212,13 +225,18 @@ def markdown(summary, fidelity_by_model, baseline):
     for name, row in summary.items():
         cells = [_percent(row[m]) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | Δ full-prompt accuracy vs base (paired) | parsed by the judge | background cleanliness | Fréchet distance to renders |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "| model | Δ full-prompt accuracy vs base (paired) | parsed by the judge | background cleanliness | Fréchet distance to renders | object colour off the palette (RGB distance) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name, row in summary.items():
         difference = row["full_prompt_accuracy"].get(f"difference_to_{baseline}")
         delta = _percent(difference, "+") if difference else "–"
+        off_palette = row.get("off_palette_distance")
         lines.append(f"| {name} | {delta} | {100 * row['parsed']['mean']:.1f}% | {100 * row['background_cleanliness']['mean']:.2f}% | "
-                     f"{fidelity_by_model[name]['frechet_distance']:.4f} |")
+                     f"{fidelity_by_model[name]['frechet_distance']:.4f} | "
+                     + (f"{off_palette['mean']:.1f} [{off_palette['ci95'][0]:.1f}, {off_palette['ci95'][1]:.1f}] |" if off_palette else "– |"))
+    if "frechet_distance_other_seeds" in fidelity_by_model[baseline]:
+        lines += ["", f"The {baseline} model on as many other seeds (the Fréchet distance's seed noise): "
+                      f"{fidelity_by_model[baseline]['frechet_distance_other_seeds']:.4f}."]
     lines += ["", "| model | both shapes drawn | colours right when both shapes are drawn (images) | colour right: objects of held-out pairs | colour right: objects of seen pairs |",
               "|---|---:|---:|---:|---:|"]
     for name, row in summary.items():
@@ -262,7 +280,11 @@ def run(args):
     generations = evaluation.generate(pipeline, models, prompts, seeds, **call)
     evaluation.score(generations, scorer)
     summary = evaluation.summarize(generations, baseline="base")
-    fidelity_by_model, _ = fidelity(generations, prompts, seeds)
+    fidelity_by_model, real = fidelity(generations, prompts, seeds)
+    # The Fréchet distance's own noise: the base model on as many other seeds.
+    other_seeds = list(range(len(seeds), 2 * len(seeds)))
+    base_other_seeds = evaluation.generate(pipeline, {"base": None}, prompts, other_seeds, show_progress=False, **call)["base"]
+    fidelity_by_model["base"]["frechet_distance_other_seeds"] = frechet_distance(base_other_seeds.images, real)
     singles = evaluation.generate(pipeline, {"base": None}, [o.phrase for o in world.ALL_OBJECTS], seeds, show_progress=False, **call)
     evaluation.score(singles, scorer)
     single_accuracy = float(np.mean([s["full_prompt_accuracy"] for s in singles["base"].scores]))

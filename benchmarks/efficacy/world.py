@@ -284,6 +284,14 @@ def background_cleanliness(image):
     return float((distance[outside] <= 25.0).mean()) if outside.any() else 0.0
 
 
+def off_palette_distance(image):
+    """Mean over the image's objects of the RGB distance from each object's median colour to the nearest palette
+    colour (NaN without objects): 0 for rendered scenes, larger as colours drift between palette colours (an orange
+    that the judge reads as red or yellow)."""
+    pixels = image.astype(np.float32)
+    distances = [np.linalg.norm(_PALETTE - np.median(pixels[c.pixels], axis=0), axis=-1).min() for c in parse_image(image)]
+    return float(np.mean(distances)) if distances else float("nan")
+
 # ---- The exact segmenter (stands in for Grounded-SAM) ----------------------------------------------------
 
 
