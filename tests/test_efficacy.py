@@ -35,7 +35,7 @@ def test_the_judge_names_missing_objects_and_colour_leaks():
 
 
 
-def test_off_palette_distance_is_zero_on_renders_and_the_colour_drift_of_a_blend():
+def test_off_palette_distance_and_strict_accuracy_catch_a_blend_the_judge_reads_as_right():
     rng = np.random.default_rng(2)
     scene = world.render(world.objects_of("a red circle and a yellow square"), rng)
     assert world.off_palette_distance(scene) == 0.0
@@ -46,6 +46,12 @@ def test_off_palette_distance_is_zero_on_renders_and_the_colour_drift_of_a_blend
     assert world.judge(drifted, "a red circle and a yellow square")["full_prompt"]
     expected = np.linalg.norm(orange.astype(np.float32) - red) / 2  # one object drifted, one on the palette
     assert world.off_palette_distance(drifted) == pytest.approx(expected, abs=0.5)
+    assert expected * 2 > world.ON_PALETTE_DISTANCE  # the blend is off the palette: strict accuracy does not count it
+    from benchmarks.efficacy.experiment import WorldJudgeScorer
+
+    scores = WorldJudgeScorer().score([scene, drifted], ["a red circle and a yellow square"] * 2)
+    assert [s["full_prompt_accuracy"] for s in scores] == [1.0, 1.0]
+    assert [s["full_prompt_accuracy_on_palette"] for s in scores] == [1.0, 0.0]
     assert np.isnan(world.off_palette_distance(np.full((32, 32, 3), world.BACKGROUND, dtype=np.uint8)))
 
 

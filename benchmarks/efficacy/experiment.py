@@ -79,10 +79,13 @@ class WorldJudgeScorer:
         for image, prompt in zip(images, prompts, strict=True):
             verdict = world.judge(image, prompt)
             objects = verdict["objects"]
+            distances = world.palette_distances(image)
             all_shapes_drawn = all(o["shape_present"] for o in objects)
             held_out = [(o.color, o.shape) in world.HELD_OUT for o in world.objects_of(prompt)]
             scores.append({
                 "full_prompt_accuracy": float(verdict["full_prompt"]),
+                # The same with every object's colour on the palette: a blend the judge reads as right does not count.
+                "full_prompt_accuracy_on_palette": float(verdict["full_prompt"] and max(distances, default=0) <= world.ON_PALETTE_DISTANCE),
                 "color_accuracy": float(np.mean([o["color_correct"] for o in objects])),
                 "shape_accuracy": float(np.mean([o["shape_present"] for o in objects])),
                 "missing_object_rate": float(np.mean([not o["shape_present"] for o in objects])),
@@ -95,7 +98,7 @@ class WorldJudgeScorer:
                 "seen_pair_color_accuracy": _mean_or_nan([o["color_correct"] for o, h in zip(objects, held_out) if not h]),
                 "parsed": float(verdict["parsed"]),
                 "background_cleanliness": world.background_cleanliness(image),
-                "off_palette_distance": world.off_palette_distance(image),
+                "off_palette_distance": float(np.mean(distances)) if distances else float("nan"),
             })
         return scores
 
@@ -237,13 +240,17 @@ def markdown(summary, fidelity_by_model, baseline):
     if "frechet_distance_other_seeds" in fidelity_by_model[baseline]:
         lines += ["", f"The {baseline} model on as many other seeds (the Fréchet distance's seed noise): "
                       f"{fidelity_by_model[baseline]['frechet_distance_other_seeds']:.4f}."]
-    lines += ["", "| model | both shapes drawn | colours right when both shapes are drawn (images) | colour right: objects of held-out pairs | colour right: objects of seen pairs |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "| model | both shapes drawn | colours right when both shapes are drawn (images) | colour right: objects of held-out pairs | colour right: objects of seen pairs "
+                  f"| full prompt, every colour within {world.ON_PALETTE_DISTANCE:.0f} of the palette (Δ paired) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name, row in summary.items():
         cells = [_percent(row["all_shapes_drawn"])]
         binding = row.get("colors_right_given_shapes")
         cells.append(f"{_percent(binding)} ({binding['n']})" if binding else "–")
         cells += [_percent(row[m]) if m in row else "–" for m in ("held_out_pair_color_accuracy", "seen_pair_color_accuracy")]
+        on_palette = row.get("full_prompt_accuracy_on_palette", {})
+        difference = on_palette.get(f"difference_to_{baseline}")
+        cells.append(f"{_percent(on_palette)}" + (f" ({_percent(difference, '+')})" if difference else "") if on_palette else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
