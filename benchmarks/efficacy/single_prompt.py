@@ -26,7 +26,7 @@ from utils import evaluation
 
 DEFAULT_PROMPT = "a green triangle and a blue circle"  # two held-out pairs; the base model draws their swap
 FIRST_SEED = 100
-METRICS = ("full_prompt_accuracy", "color_accuracy", "color_leak_rate", "all_shapes_drawn", "parsed", "background_cleanliness")
+METRICS = ("full_prompt_accuracy", "full_prompt_accuracy_on_palette", "color_accuracy", "color_leak_rate", "all_shapes_drawn", "parsed", "background_cleanliness")
 
 
 def related_prompts(prompt):
