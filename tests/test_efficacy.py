@@ -34,25 +34,25 @@ def test_the_judge_names_missing_objects_and_colour_leaks():
     assert world.background_cleanliness(blank) == 1.0 and world.parse_image(blank) == []
 
 
+def test_palette_distances_and_strict_accuracy_catch_a_blend_the_judge_reads_as_right():
+    from benchmarks.efficacy.experiment import WorldJudgeScorer
 
-def test_off_palette_distance_and_strict_accuracy_catch_a_blend_the_judge_reads_as_right():
-    rng = np.random.default_rng(2)
-    scene = world.render(world.objects_of("a red circle and a yellow square"), rng)
-    assert world.off_palette_distance(scene) == 0.0
+    prompt = "a red circle and a yellow square"
+    scene = world.render(world.objects_of(prompt), np.random.default_rng(2))
+    assert world.palette_distances(scene) == [0.0, 0.0]
     red, yellow = (np.array(world.COLORS[c], dtype=np.float32) for c in ("red", "yellow"))
     orange = np.round(0.7 * red + 0.3 * yellow).astype(np.uint8)  # still read as red, 30% of the way to yellow
     drifted = scene.copy()
     drifted[(scene == world.COLORS["red"]).all(-1)] = orange
-    assert world.judge(drifted, "a red circle and a yellow square")["full_prompt"]
-    expected = np.linalg.norm(orange.astype(np.float32) - red) / 2  # one object drifted, one on the palette
-    assert world.off_palette_distance(drifted) == pytest.approx(expected, abs=0.5)
-    assert expected * 2 > world.ON_PALETTE_DISTANCE  # the blend is off the palette: strict accuracy does not count it
-    from benchmarks.efficacy.experiment import WorldJudgeScorer
-
-    scores = WorldJudgeScorer().score([scene, drifted], ["a red circle and a yellow square"] * 2)
-    assert [s["full_prompt_accuracy"] for s in scores] == [1.0, 1.0]
-    assert [s["full_prompt_accuracy_on_palette"] for s in scores] == [1.0, 0.0]
-    assert np.isnan(world.off_palette_distance(np.full((32, 32, 3), world.BACKGROUND, dtype=np.uint8)))
+    assert world.judge(drifted, prompt)["full_prompt"]
+    drift = np.linalg.norm(orange.astype(np.float32) - red)
+    assert sorted(world.palette_distances(drifted)) == pytest.approx([0, drift], abs=0.5)
+    assert drift > world.ON_PALETTE_DISTANCE  # the blend is off the palette: strict accuracy does not count it
+    blank = np.full((32, 32, 3), world.BACKGROUND, dtype=np.uint8)
+    scores = WorldJudgeScorer().score([scene, drifted, blank], [prompt] * 3)
+    assert [s["full_prompt_accuracy"] for s in scores] == [1.0, 1.0, 0.0]
+    assert [s["full_prompt_accuracy_on_palette"] for s in scores] == [1.0, 0.0, 0.0]
+    assert scores[1]["off_palette_distance"] == pytest.approx(drift / 2, abs=0.5) and np.isnan(scores[2]["off_palette_distance"])
 
 
 def test_frechet_terms_separate_a_colour_shift_from_lost_variety():
@@ -69,6 +69,7 @@ def test_frechet_terms_separate_a_colour_shift_from_lost_variety():
     variety = np.trace(np.cov(_downsampled_features(renders), rowvar=False))
     assert covariance_term == pytest.approx(variety, rel=1e-4)
     assert frechet_distance(collapsed, renders) == pytest.approx(mean_term + covariance_term)
+
 
 def test_hardening_captions_what_the_judge_sees_smudges_and_empty_images_included():
     from benchmarks.efficacy.harden_captioner import annotate

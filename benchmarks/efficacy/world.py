@@ -297,11 +297,6 @@ def palette_distances(image):
     return [float(np.linalg.norm(_PALETTE - np.median(pixels[c.pixels], axis=0), axis=-1).min()) for c in parse_image(image)]
 
 
-def off_palette_distance(image):
-    """Mean of :func:`palette_distances` over the image's objects (NaN without objects)."""
-    distances = palette_distances(image)
-    return float(np.mean(distances)) if distances else float("nan")
-
 # ---- The exact segmenter (stands in for Grounded-SAM) ----------------------------------------------------
 
 
