@@ -307,6 +307,17 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     # The exact colour reward, not the captioner, made the caption loss: at most MISSING_OBJECT_LOSS per object.
     assert 0 <= experiment.training_curves(str(single_dir / "runs" / "caption_only"))["caption_loss"]["first"] <= world.MISSING_OBJECT_LOSS
     assert os.path.getsize(single_dir / "single_prompt.png") > 1000 and "full prompt accuracy" in (single_dir / "results.md").read_text()
+    # A few prompts together: an equal share of every batch each, reported each and all together.
+    pair = ["a red square and a yellow circle", "a yellow square and a red circle"]
+    few = single_prompt.run(single_prompt.parse_args(
+        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(tmp_path / "few"), "--quick", "--threads", "1", "--captioner", robust,
+         "--prompt", pair[0], "--prompt", pair[1], "--train_flags", "--caption_scorer benchmarks.efficacy.world:load_scene_oracle"]
+    ))
+    assert (tmp_path / "few" / "finetune_prompts.txt").read_text() == "".join(p + "\n" for p in pair)
+    assert few["prompts"] == pair and list(few["per_prompt"]) == pair
+    assert all(few["summary"][model]["full_prompt_accuracy"]["n"] == 2 for model in ("base", "@ 2"))
+    assert all(few["per_prompt"][p][model]["full_prompt_accuracy"]["n"] == 1 for p in pair for model in ("base", "@ 2"))
+    assert all(f'"{p}" (1 seeds)' in (tmp_path / "few" / "results.md").read_text() for p in pair)
 
     from benchmarks.efficacy import adversarial_probe
 
@@ -406,6 +417,9 @@ def test_captioner_tools_name_a_missing_model_before_loading_anything(module, fl
 
 
 @pytest.mark.parametrize("flags, named", [(["--prompt", "a red circle"], "--prompt"), (["--prompt", "a pink circle and a red square"], "--prompt"),
+                                          (["--prompt", "a red circle and a blue square", "--prompt", "a red circle and a blue square"], "--prompt"),
+                                          (["--prompt", "a red circle and a blue square", "--prompt", "a red square and a blue circle",
+                                            "--related_prompts"], "--related_prompts"),
                                           (["--max_train_steps", "0"], "--max_train_steps"),
                                           (["--train_flags", "--hub_token hf_secret"], "--train_flags"),
                                           (["--train_flags=--token=hf_secret"], "--train_flags"),

@@ -9,6 +9,10 @@ training) with the base model and each checkpoint, judges every image, and write
 ``--related_prompts`` it also measures transfer: base vs the final LoRA on every other prompt naming one of the
 prompt's objects (the same two in the other order; one of them with another object).
 
+``--prompt`` given several times trains on those few prompts together (each as many lines of the prompts file; when
+their number divides the batch, every batch holds each equally often) and reports each one as well as all together: what changes between one prompt and many (e.g. two prompts that pull
+the same object towards different colours).
+
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.single_prompt --world_dir world --output_dir efficacy-results/single-prompt
     python -m benchmarks.efficacy.single_prompt --quick --world_dir /tmp/w --output_dir /tmp/s   # mechanics only
 """
@@ -41,10 +45,23 @@ def related_prompts(prompt):
 
 
 def markdown(summary):
-    lines = ["| model | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    """Percentages of METRICS, then the objects' mean colour distance off the palette (RGB units)."""
+    header = [m.replace("_", " ") for m in METRICS] + ["off palette distance"]
+    lines = ["| model | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for name, row in summary.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]['mean']:.1f}" for m in METRICS) + " |")
+        off_palette = row.get("off_palette_distance", {}).get("mean", float("nan"))
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]['mean']:.1f}" for m in METRICS) + f" | {off_palette:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def of_prompt(generations, prompt):
+    """The images of one prompt out of generations rendered on several."""
+    subsets = {}
+    for name, generation in generations.items():
+        keep = [i for i, p in enumerate(generation.prompts) if p == prompt]
+        subsets[name] = evaluation.Generation(name, [prompt] * len(keep), [generation.seeds[i] for i in keep],
+                                              [generation.images[i] for i in keep], [generation.scores[i] for i in keep])
+    return subsets
 
 
 def run(args):
@@ -58,7 +75,8 @@ def run(args):
                          f"--world_dir {args.world_dir} --adversarial_captioner 32 --adversarial_steps 600` or pass another.")
     build_world(args.world_dir, recipe)
     start = time.perf_counter()
-    prompts = [args.prompt] * settings["train_batch_size"]
+    # Each prompt as many lines, at least one batch in all (one batch exactly when the prompts' number divides it).
+    prompts = [p for p in args.prompt for _ in range(-(-settings["train_batch_size"] // len(args.prompt)))]
     flags = experiment.RUNS[args.run] + shlex.split(args.train_flags)
     run_dir = experiment.finetune(args.run, flags, args.world_dir, args.output_dir, settings, args.threads, captioner,
                                   args.checkpointing_steps, prompts=prompts)
@@ -69,31 +87,37 @@ def run(args):
     pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(args.world_dir, "sd"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     seeds = list(range(FIRST_SEED, FIRST_SEED + (1 if args.quick else args.seeds)))
-    generations = evaluation.generate(pipeline, models, [args.prompt], seeds, show_progress=False,
+    generations = evaluation.generate(pipeline, models, args.prompt, seeds, show_progress=False,
                                       num_inference_steps=settings["num_inference_steps"], guidance_scale=experiment.GUIDANCE_SCALE)
     evaluation.score(generations, experiment.WorldJudgeScorer())
     summary = evaluation.summarize(generations, baseline="base")
     os.makedirs(args.output_dir, exist_ok=True)
-    evaluation.side_by_side(generations, list(range(min(8, len(seeds)))), os.path.join(args.output_dir, "single_prompt.png"), scale=3)
+    shown = [i * len(seeds) + j for i in range(len(args.prompt)) for j in range(min(8 // len(args.prompt) or 1, len(seeds)))]
+    evaluation.side_by_side(generations, shown, os.path.join(args.output_dir, "single_prompt.png"), scale=3)
     table = markdown(summary)
+    per_prompt = {}
+    if len(args.prompt) > 1:
+        for prompt in args.prompt:
+            per_prompt[prompt] = evaluation.summarize(of_prompt(generations, prompt), baseline="base")
+            table += f'\n"{prompt}" ({len(seeds)} seeds):\n\n' + markdown(per_prompt[prompt])
     related = {}
     if args.related_prompts:
         # Does what CoMat learned on one prompt carry to others? The final LoRA on every prompt sharing an object.
         final = {"base": None, f"@ {settings['max_train_steps']}": run_dir}
-        for group, group_prompts in related_prompts(args.prompt).items():
+        for group, group_prompts in related_prompts(args.prompt[0]).items():
             group_generations = evaluation.generate(pipeline, final, group_prompts, seeds[:8], show_progress=False,
                                                     num_inference_steps=settings["num_inference_steps"], guidance_scale=experiment.GUIDANCE_SCALE)
             evaluation.score(group_generations, experiment.WorldJudgeScorer())
             related[group] = dict(prompts=group_prompts, summary=evaluation.summarize(group_generations, baseline="base"))
             table += f"\n{group} ({len(group_prompts)} prompts × {len(seeds[:8])} seeds):\n\n" + markdown(related[group]["summary"])
-    results = dict(recipe=recipe, prompt=args.prompt, run=args.run, train_flags=args.train_flags, captioner=captioner,
-                   settings=settings, seeds=seeds, summary=summary, related=related, training_curves=experiment.training_curves(run_dir),
+    results = dict(recipe=recipe, prompts=args.prompt, run=args.run, train_flags=args.train_flags, captioner=captioner,
+                   settings=settings, seeds=seeds, summary=summary, per_prompt=per_prompt, related=related, training_curves=experiment.training_curves(run_dir),
                    seconds=dict(finetune=finetune_seconds, total=time.perf_counter() - start))
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
-    print(f'"{args.prompt}", {args.run}, captioner {captioner}, {len(seeds)} seeds:\n{table}')
+    print(f"{' + '.join(args.prompt)}, {args.run}, captioner {captioner}, {len(seeds)} seeds:\n{table}")
     return results
 
 
@@ -101,7 +125,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world_dir", default="world", help="The world's models (built there when missing).")
     parser.add_argument("--output_dir", default="efficacy-results/single-prompt", help="Fine-tune, picture, results.")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f'The one two-object world prompt (default: "{DEFAULT_PROMPT}").')
+    parser.add_argument("--prompt", action="append", default=None,
+                        help=f'A two-object world prompt to fine-tune on; give it several times to fine-tune on those prompts together (default: "{DEFAULT_PROMPT}").')
     parser.add_argument("--run", default="caption only", choices=list(experiment.RUNS), help="Which CoMat (default: caption only).")
     parser.add_argument("--captioner", default=None, help="Captioner (default: WORLD_DIR/blip-adversarial-32, from pretrain.py --adversarial_captioner 32).")
     parser.add_argument("--train_flags", default="", help='More train_comat.py flags for the fine-tune, e.g. "--caption_loss_weight 0 --token_loss_weight 0.1" (default: none; one flag alone: --train_flags=--FLAG).')
@@ -112,12 +137,18 @@ def parse_args(argv=None):
     parser.add_argument("--related_prompts", action="store_true", help="Also evaluate the final LoRA on every other prompt that names one of the prompt's objects (transfer).")
     parser.add_argument("--quick", action="store_true", help="Seconds-long run of every stage on the quick world: the mechanics.")
     args = parser.parse_args(argv)
-    try:
-        objects = world.objects_of(args.prompt)
-    except ValueError:
-        objects = []
-    if len(objects) != 2 or any(o.color not in world.COLORS or o.shape not in world.SHAPES for o in objects):
-        parser.error(f'--prompt "{args.prompt}" is not a two-object world prompt such as "{DEFAULT_PROMPT}".')
+    args.prompt = args.prompt or [DEFAULT_PROMPT]
+    for prompt in args.prompt:
+        try:
+            objects = world.objects_of(prompt)
+        except ValueError:
+            objects = []
+        if len(objects) != 2 or any(o.color not in world.COLORS or o.shape not in world.SHAPES for o in objects):
+            parser.error(f'--prompt "{prompt}" is not a two-object world prompt such as "{DEFAULT_PROMPT}".')
+    if len(set(args.prompt)) != len(args.prompt):
+        parser.error("--prompt: give each prompt once (every prompt already gets an equal share of the prompts file).")
+    if args.related_prompts and len(args.prompt) > 1:
+        parser.error("--related_prompts measures transfer from one prompt: give --prompt once.")
     experiment.check_train_flags(parser, args.train_flags)
     if args.max_train_steps < 1 or args.checkpointing_steps < 1 or args.seeds < 1:
         parser.error("--max_train_steps, --checkpointing_steps and --seeds must be at least 1.")
