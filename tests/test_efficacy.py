@@ -223,6 +223,22 @@ def test_scene_oracle_prefers_the_true_scene_and_its_gradient_draws_missing_obje
     assert oracle.loss((blank - 0.05 * blank.grad / blank.grad.abs().max()).detach(), [prompt]) < loss
 
 
+def test_palette_prior_makes_a_blend_cost_more_than_the_swap_it_replaces():
+    prompt = "a red square and a yellow circle"
+    image = torch.tensor(world.render(world.objects_of(prompt), np.random.default_rng(0)), dtype=torch.float32).permute(2, 0, 1) / 255
+    red, yellow = (torch.tensor(world.COLORS[c], dtype=torch.float32).view(3, 1, 1) / 255 for c in ("red", "yellow"))
+    is_red, is_yellow = ((image - red).abs().sum(dim=0) < 1e-3), ((image - yellow).abs().sum(dim=0) < 1e-3)
+    swap = torch.where(is_red, yellow, torch.where(is_yellow, red, image))
+    blend = torch.where(is_red | is_yellow, (red + yellow) / 2, image).requires_grad_(True)
+    plain, on_palette = world.load_scene_oracle(None, torch.float32), world.load_scene_oracle_on_palette(None, torch.float32)
+    assert on_palette.off_palette(image) == 0 and on_palette.loss(image[None], [prompt]) == plain.loss(image[None], [prompt])
+    # Without the prior the blend is a step down from the swap; with it, a step up.
+    assert plain.loss(blend[None], [prompt]) < plain.loss(swap[None], [prompt]) < on_palette.loss(blend[None], [prompt])
+    assert on_palette.off_palette(blend).item() == pytest.approx(((red - yellow) ** 2).sum().item() / 4, rel=0.01)
+    on_palette.off_palette(blend).backward()
+    assert on_palette.off_palette((blend - 0.01 * blend.grad / blend.grad.abs().max()).detach()) < on_palette.off_palette(blend.detach())
+
+
 def test_bootstrap_and_paired_summary():
     mean, low, high = evaluation.bootstrap_ci([0.0, 1.0] * 50)
     assert mean == 0.5 and low < 0.5 < high and high - low < 0.25

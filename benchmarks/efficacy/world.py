@@ -371,6 +371,9 @@ def load_color_oracle(args, dtype):
 # ---- The exact scene reward (a control with a gradient for every object) -----------------------------------
 
 SCENE_CANDIDATES = 128  # renders per prompt: their layouts cover the positions the world draws at ~1.5 px spacing
+# With this weight on the palette prior, an object painted halfway between two palette colours costs as much as the
+# swap it replaces (0.1 + 3 × 0.1 against 0.4 per pixel for red and yellow, the closest two): a blend no longer pays.
+PALETTE_PRIOR_WEIGHT = 3.0
 
 
 class SceneOracle:
@@ -378,10 +381,17 @@ class SceneOracle:
     (in [0, 1], summed over channels and pixels, divided by the render's object pixels) of each image to the
     nearest of ``SCENE_CANDIDATES`` true renders of its prompt. Unlike :class:`ColorOracle`, every pixel of a missing,
     misshapen or wrongly coloured object has a gradient towards the true scene: the densest reward a prompt can give.
-    ``reduction`` and the crop arguments are ignored (one term per image, averaged over the batch)."""
+    ``reduction`` and the crop arguments are ignored (one term per image, averaged over the batch).
 
-    def __init__(self):
+    A squared distance pays for moving a colour part of the way, so a blend of a prompt's two colours on both objects
+    is a cheap step down from a swap. ``palette_weight`` > 0 adds, per image, that weight times the mean squared
+    distance of the objects' inner pixels to the nearest palette colour (0 on renders): an exact realism term, as a
+    discriminator that knew the world's colours would be."""
+
+    def __init__(self, palette_weight=0.0):
         self.candidates = {}
+        self.palette_weight = palette_weight
+        self.palette = torch.from_numpy(_PALETTE / 255).view(-1, 3, 1, 1)
 
     def to(self, device):
         return self
@@ -403,10 +413,31 @@ class SceneOracle:
             renders, object_pixels = self._renders(prompt)
             renders, object_pixels = renders.to(image.device), object_pixels.to(image.device)
             distances = ((image[None] - renders) ** 2).flatten(1).sum(dim=1) / object_pixels
-            terms.append(distances.min())
+            term = distances.min()
+            if self.palette_weight:
+                term = term + self.palette_weight * self.off_palette(image)
+            terms.append(term)
         return torch.stack(terms).mean()
+
+    def off_palette(self, image):
+        """Mean squared RGB distance (in [0, 1]) of the image's inner object pixels to the nearest palette colour: the
+        pixels farther than FOREGROUND_DISTANCE from the background whose eight neighbours are too (edges, which the VAE
+        blends with the background, are left out)."""
+        background = torch.tensor(BACKGROUND, dtype=image.dtype, device=image.device).view(3, 1, 1) / 255
+        with torch.no_grad():
+            foreground = ((image - background).norm(dim=0) * 255 > FOREGROUND_DISTANCE).float()
+            touches_background = torch.nn.functional.max_pool2d((1 - foreground)[None, None], 3, stride=1, padding=1)[0, 0]
+            inner = foreground * (1 - touches_background)
+        distances = ((image[None] - self.palette.to(image.device, image.dtype)) ** 2).sum(dim=1).min(dim=0).values
+        return (distances * inner).sum() / inner.sum().clamp(min=1)
 
 
 def load_scene_oracle(args, dtype):
     """The ``--caption_scorer`` factory of the exact scene reward (``benchmarks.efficacy.world:load_scene_oracle``)."""
     return SceneOracle()
+
+
+def load_scene_oracle_on_palette(args, dtype):
+    """The exact scene reward with the palette prior at ``PALETTE_PRIOR_WEIGHT``
+    (``benchmarks.efficacy.world:load_scene_oracle_on_palette``)."""
+    return SceneOracle(palette_weight=PALETTE_PRIOR_WEIGHT)
