@@ -10,8 +10,8 @@ training) with the base model and each checkpoint, judges every image, and write
 prompt's objects (the same two in the other order; one of them with another object).
 
 ``--prompt`` given several times trains on those few prompts together (each as many lines of the prompts file; when
-their number divides the batch, every batch holds each equally often) and reports each one as well as all together: what changes between one prompt and many (e.g. two prompts that pull
-the same object towards different colours).
+their number divides the batch, every batch holds each equally often) and reports each one as well as all together:
+what changes between one prompt and many (e.g. two prompts that pull the same object towards different colours).
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.single_prompt --world_dir world --output_dir efficacy-results/single-prompt
     python -m benchmarks.efficacy.single_prompt --quick --world_dir /tmp/w --output_dir /tmp/s   # mechanics only
