@@ -71,6 +71,16 @@ def test_frechet_terms_separate_a_colour_shift_from_lost_variety():
     assert frechet_distance(collapsed, renders) == pytest.approx(mean_term + covariance_term)
 
 
+def test_foreground_rows_measure_how_high_objects_are_drawn():
+    from benchmarks.efficacy.experiment import foreground_rows
+
+    square = world.objects_of("a green square")
+    high, low = world.draw(square, [(16.0, 9.0, 5.5)]), world.draw(square, [(16.0, 23.0, 5.5)])
+    blank = np.full_like(high, world.BACKGROUND[0])
+    rows = foreground_rows([high, low, blank])
+    assert rows[0] == pytest.approx(9.0, abs=0.5) and rows[1] == pytest.approx(23.0, abs=0.5) and np.isnan(rows[2])
+
+
 def test_hardening_captions_what_the_judge_sees_smudges_and_empty_images_included():
     from benchmarks.efficacy.harden_captioner import annotate
 
@@ -223,6 +233,39 @@ def test_scene_oracle_prefers_the_true_scene_and_its_gradient_draws_missing_obje
     assert oracle.loss((blank - 0.05 * blank.grad / blank.grad.abs().max()).detach(), [prompt]) < loss
 
 
+def test_layout_of_finds_where_renders_draw_their_objects():
+    rng = np.random.default_rng(1)
+    for prompt in world.TWO_OBJECT_PROMPTS[::3] + [o.phrase for o in world.ALL_OBJECTS]:
+        objects = world.objects_of(prompt)
+        image = world.render(objects, rng)
+        redrawn = world.draw(objects, world.layout_of(image, objects))
+        # Within half a pixel of the true centres and radii: the true scene redrawn where it is differs on edge pixels only.
+        assert (np.abs(redrawn.astype(int) - image.astype(int)).sum(axis=-1) > 0).sum() <= 8, prompt
+    blank = np.full((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), world.BACKGROUND, dtype=np.uint8)
+    (left_x, _, _), (right_x, _, _) = world.layout_of(blank, world.objects_of("a red square and a blue circle"))
+    assert left_x < world.IMAGE_SIZE / 2 < right_x  # missing objects: in the middle of their halves
+
+
+def test_in_place_scene_oracle_asks_for_the_scene_and_nothing_about_where():
+    prompt = "a red square and a blue circle"
+    objects = world.objects_of(prompt)
+    as_tensor = lambda array: torch.tensor(array, dtype=torch.float32).permute(2, 0, 1)[None] / 255  # noqa: E731
+    nearest, in_place = world.load_scene_oracle(None, torch.float32), world.load_scene_oracle_in_place(None, torch.float32)
+    losses = {name: [] for name in ("nearest", "in place")}
+    for layout in ([(8.0, 9.0, 5.5), (24.0, 9.0, 5.5)], [(8.0, 23.0, 5.5), (24.0, 16.0, 5.5)], [(7.7, 15.2, 5.2), (24.3, 20.1, 5.8)]):
+        image = as_tensor(world.draw(objects, layout))
+        losses["nearest"].append(nearest.loss(image, [prompt]).item())
+        losses["in place"].append(in_place.loss(image, [prompt]).item())
+        assert in_place.loss(image, [world.swapped_prompt(prompt)]) > 0.5
+    # The true scene costs (next to) nothing wherever it is drawn; nearest of fixed renders charges for the layout.
+    assert max(losses["in place"]) < 0.02 < 0.1 < min(losses["nearest"]), losses
+    blank = torch.full((1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE), world.BACKGROUND[0] / 255, requires_grad=True)
+    loss = in_place.loss(blank, [prompt])
+    loss.backward()
+    assert blank.grad[0, 1:, :, :16].sum() > 0 and blank.grad[0, :2, :, 16:].sum() > 0  # red square left, blue circle right
+    assert in_place.loss((blank - 0.05 * blank.grad / blank.grad.abs().max()).detach(), [prompt]) < loss
+
+
 def test_palette_prior_makes_a_blend_cost_more_than_the_swap_it_replaces():
     prompt = "a red square and a yellow circle"
     image = torch.tensor(world.render(world.objects_of(prompt), np.random.default_rng(0)), dtype=torch.float32).permute(2, 0, 1) / 255
@@ -271,6 +314,8 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
         assert os.path.getsize(output_dir / picture) > 1000
     assert "full prompt accuracy" in (output_dir / "results.md").read_text()
     assert results["fidelity"]["base"]["frechet_distance_other_seeds"] >= 0
+    assert 0 < results["fidelity"]["base"]["renders_row_mean"] < world.IMAGE_SIZE
+    assert "How high the objects are drawn" in (output_dir / "results.md").read_text()
     assert "object colour off the palette" in (output_dir / "results.md").read_text()
 
     from benchmarks.efficacy import reward_probe

@@ -122,20 +122,37 @@ def _shape_mask(shape, cx, cy, radius, size=IMAGE_SIZE):
     raise ValueError(shape)
 
 
-def render(objects, rng):
-    """An ``[H, W, 3]`` uint8 image of ``objects`` (one anywhere; two: left half, right half)."""
+MIN_RADIUS, MAX_RADIUS = 5.0, 6.0
+
+
+def _center_ranges(index, count, radius):
+    """The ranges (low, high) of the centre x and y the world draws object ``index`` of ``count`` at (one object:
+    anywhere; two: the first in the left half, the second in the right)."""
+    if count == 1:
+        x_range = (radius + 2, IMAGE_SIZE - radius - 2)
+    else:
+        half = IMAGE_SIZE / 2
+        x_range = (index * half + radius + 1.5, (index + 1) * half - radius - 1.5)
+    return x_range, (radius + 2.5, IMAGE_SIZE - radius - 2.5)
+
+
+def draw(objects, layout):
+    """An ``[H, W, 3]`` uint8 image of ``objects``, each at its ``(cx, cy, radius)`` of ``layout``."""
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     image[:] = BACKGROUND
-    half = IMAGE_SIZE / 2
-    for index, obj in enumerate(objects):
-        radius = rng.uniform(5.0, 6.0)
-        if len(objects) == 1:
-            cx = rng.uniform(radius + 2, IMAGE_SIZE - radius - 2)
-        else:
-            cx = index * half + rng.uniform(radius + 1.5, half - radius - 1.5)
-        cy = rng.uniform(radius + 2.5, IMAGE_SIZE - radius - 2.5)
+    for obj, (cx, cy, radius) in zip(objects, layout, strict=True):
         image[_shape_mask(obj.shape, cx, cy, radius)] = COLORS[obj.color]
     return image
+
+
+def render(objects, rng):
+    """An ``[H, W, 3]`` uint8 image of ``objects`` (one anywhere; two: left half, right half)."""
+    layout = []
+    for index in range(len(objects)):
+        radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
+        x_range, y_range = _center_ranges(index, len(objects), radius)
+        layout.append((rng.uniform(*x_range), rng.uniform(*y_range), radius))
+    return draw(objects, layout)
 
 
 def _scene(rng, single_object_share, two_object_prompts):
@@ -376,6 +393,38 @@ SCENE_CANDIDATES = 128  # renders per prompt: their layouts cover the positions 
 PALETTE_PRIOR_WEIGHT = 3.0
 
 
+# Area of each shape drawn at radius r, over r²; and how far below its centre a triangle's centroid lies, over r
+# (its width grows linearly from the apex, 1.1 r above the centre, to the base, 1.1 r below).
+_AREA_OVER_SQUARED_RADIUS = {"circle": np.pi, "square": 1.8**2, "triangle": 0.5 * 2.2 * 2.4}
+_TRIANGLE_CENTROID_BELOW_CENTER = 2 / 3 * 2.2 - 1.1
+
+
+def layout_of(image, objects):
+    """Where ``image`` (``[H, W, 3]`` uint8) draws each of ``objects``: its ``(cx, cy, radius)``, estimated from the
+    foreground of its half (one object: of the whole image) as if it were the named shape, within the ranges the world
+    draws at. An object with no foreground is placed at the middle of its range."""
+    foreground = np.linalg.norm(image.astype(np.float32) - np.array(BACKGROUND, dtype=np.float32), axis=-1) > FOREGROUND_DISTANCE
+    layout = []
+    for index, obj in enumerate(objects):
+        region = foreground.copy()
+        if len(objects) == 2:
+            half = IMAGE_SIZE // 2
+            region[:, half * (1 - index) : half * (2 - index)] = False
+        ys, xs = np.nonzero(region)
+        if len(ys) < MIN_OBJECT_PIXELS:
+            radius = (MIN_RADIUS + MAX_RADIUS) / 2
+            x_range, y_range = _center_ranges(index, len(objects), radius)
+            layout.append((sum(x_range) / 2, sum(y_range) / 2, radius))
+            continue
+        radius = float(np.clip(np.sqrt(len(ys) / _AREA_OVER_SQUARED_RADIUS[obj.shape]), MIN_RADIUS, MAX_RADIUS))
+        cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+        if obj.shape == "triangle":
+            cy -= _TRIANGLE_CENTROID_BELOW_CENTER * radius
+        x_range, y_range = _center_ranges(index, len(objects), radius)
+        layout.append((float(np.clip(cx, *x_range)), float(np.clip(cy, *y_range)), radius))
+    return layout
+
+
 class SceneOracle:
     """An exact, differentiable Concept Matching scorer that also creates missing objects: the squared RGB distance
     (in [0, 1], summed over channels and pixels, divided by the render's object pixels) of each image to the
@@ -386,11 +435,16 @@ class SceneOracle:
     A squared distance pays for moving a colour part of the way, so a blend of a prompt's two colours on both objects
     is a cheap step down from a swap. ``palette_weight`` > 0 adds, per image, that weight times the mean squared
     distance of the objects' inner pixels to the nearest palette colour (0 on renders): an exact realism term, as a
-    discriminator that knew the world's colours would be."""
+    discriminator that knew the world's colours would be.
 
-    def __init__(self, palette_weight=0.0):
+    Nearest of fixed renders is also a pull towards their layouts: what the generator learns from it moves and narrows
+    where objects are drawn. ``in_place=True`` compares each image instead with the true scene drawn where the image
+    draws its objects (:func:`layout_of`), so the reward asks for the named colours and shapes and nothing about where."""
+
+    def __init__(self, palette_weight=0.0, in_place=False):
         self.candidates = {}
         self.palette_weight = palette_weight
+        self.in_place = in_place
         self.palette = torch.from_numpy(_PALETTE / 255).view(-1, 3, 1, 1)
 
     def to(self, device):
@@ -400,17 +454,27 @@ class SceneOracle:
         if prompt not in self.candidates:
             seed = int.from_bytes(prompt.encode()[:8].ljust(8, b" "), "little") ^ len(prompt)
             rng = np.random.default_rng(seed)
-            renders = np.stack([render(objects_of(prompt), rng) for _ in range(SCENE_CANDIDATES)])
-            renders = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255
-            background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 255
-            object_pixels = ((renders - background).abs().sum(dim=1) > 0).flatten(1).sum(dim=1).float()
-            self.candidates[prompt] = (renders, object_pixels)
+            self.candidates[prompt] = self._as_pixels(np.stack([render(objects_of(prompt), rng) for _ in range(SCENE_CANDIDATES)]))
         return self.candidates[prompt]
+
+    @staticmethod
+    def _as_pixels(renders):
+        renders = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255
+        background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 255
+        return renders, ((renders - background).abs().sum(dim=1) > 0).flatten(1).sum(dim=1).float()
+
+    def _render_in_place(self, image, prompt):
+        array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        objects = objects_of(prompt)
+        return self._as_pixels(draw(objects, layout_of(array, objects))[None])
 
     def loss(self, images, prompts, reduction="mean", crop_generator=None, max_crop=0):
         terms = []
         for image, prompt in zip(images.float(), prompts, strict=True):
-            renders, object_pixels = self._renders(prompt)
+            if self.in_place:
+                renders, object_pixels = self._render_in_place(image, prompt)
+            else:
+                renders, object_pixels = self._renders(prompt)
             renders, object_pixels = renders.to(image.device), object_pixels.to(image.device)
             distances = ((image[None] - renders) ** 2).flatten(1).sum(dim=1) / object_pixels
             term = distances.min()
@@ -435,6 +499,12 @@ class SceneOracle:
 def load_scene_oracle(args, dtype):
     """The ``--caption_scorer`` factory of the exact scene reward (``benchmarks.efficacy.world:load_scene_oracle``)."""
     return SceneOracle()
+
+
+def load_scene_oracle_in_place(args, dtype):
+    """The exact scene reward against the true scene drawn where each image draws its objects
+    (``benchmarks.efficacy.world:load_scene_oracle_in_place``)."""
+    return SceneOracle(in_place=True)
 
 
 def load_scene_oracle_on_palette(args, dtype):
