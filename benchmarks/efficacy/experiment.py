@@ -205,15 +205,33 @@ def training_curves(run_dir, window=20):
     return curves
 
 
+def foreground_rows(images):
+    """Per image, the mean row (0 at the top) of its foreground pixels: how high the objects are drawn. Its spread over
+    a model's images is the variety of its layouts, which the Fréchet distance's mean term sees and no per-image
+    statistic does."""
+    rows = np.arange(world.IMAGE_SIZE, dtype=np.float64)[:, None] + 0.5
+    background = np.array(world.BACKGROUND, dtype=np.float32)
+    centroids = []
+    for image in images:
+        foreground = np.linalg.norm(image.astype(np.float32) - background, axis=-1) > world.FOREGROUND_DISTANCE
+        centroids.append(float((rows * foreground).sum() / foreground.sum()) if foreground.any() else float("nan"))
+    return np.array(centroids)
+
+
 def fidelity(generations, prompts, seeds):
-    """Per model: Fréchet distance of its images to the world's renders of the same prompts, and its two terms."""
+    """Per model: Fréchet distance of its images to the world's renders of the same prompts, its two terms, and the
+    mean and standard deviation over images of :func:`foreground_rows` (the renders' under ``renders_row_*`` of each)."""
     rng = np.random.default_rng(777)
     real = [world.render(world.objects_of(prompt), rng) for prompt in prompts for _ in seeds]
+    real_rows = foreground_rows(real)
     by_model = {}
     for name, generation in generations.items():
         mean_term, covariance_term = frechet_terms(generation.images, real)
+        rows = foreground_rows(generation.images)
         by_model[name] = {"frechet_distance": mean_term + covariance_term, "frechet_mean_term": mean_term,
-                          "frechet_covariance_term": covariance_term}
+                          "frechet_covariance_term": covariance_term, "row_mean": float(np.nanmean(rows)),
+                          "row_sd": float(np.nanstd(rows)), "renders_row_mean": float(real_rows.mean()),
+                          "renders_row_sd": float(real_rows.std())}
     return by_model, real
 
 
@@ -240,6 +258,12 @@ def markdown(summary, fidelity_by_model, baseline):
     if "frechet_distance_other_seeds" in fidelity_by_model[baseline]:
         lines += ["", f"The {baseline} model on as many other seeds (the Fréchet distance's seed noise): "
                       f"{fidelity_by_model[baseline]['frechet_distance_other_seeds']:.4f}."]
+    if "row_mean" in fidelity_by_model[baseline]:
+        renders = fidelity_by_model[baseline]
+        lines += ["", "How high the objects are drawn (the foreground's mean row, 0 at the top; mean ± SD over images): renders "
+                      f"{renders['renders_row_mean']:.1f} ± {renders['renders_row_sd']:.1f}; " + "; ".join(
+                          f"{name} {fidelity_by_model[name]['row_mean']:.1f} ± {fidelity_by_model[name]['row_sd']:.1f}"
+                          for name in summary) + "."]
     lines += ["", "| model | both shapes drawn | colours right when both shapes are drawn (images) | colour right: objects of held-out pairs | colour right: objects of seen pairs "
                   f"| full prompt, every colour within {world.ON_PALETTE_DISTANCE:.0f} of the palette (Δ paired) |",
               "|---|---:|---:|---:|---:|---:|"]
