@@ -210,10 +210,9 @@ def foreground_rows(images):
     a model's images is the variety of its layouts, which the Fréchet distance's mean term sees and no per-image
     statistic does."""
     rows = np.arange(world.IMAGE_SIZE, dtype=np.float64)[:, None] + 0.5
-    background = np.array(world.BACKGROUND, dtype=np.float32)
     centroids = []
     for image in images:
-        foreground = np.linalg.norm(image.astype(np.float32) - background, axis=-1) > world.FOREGROUND_DISTANCE
+        foreground = world.foreground_mask(image)
         centroids.append(float((rows * foreground).sum() / foreground.sum()) if foreground.any() else float("nan"))
     return np.array(centroids)
 

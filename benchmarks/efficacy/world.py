@@ -399,11 +399,16 @@ _AREA_OVER_SQUARED_RADIUS = {"circle": np.pi, "square": 1.8**2, "triangle": 0.5 
 _TRIANGLE_CENTROID_BELOW_CENTER = 2 / 3 * 2.2 - 1.1
 
 
+def foreground_mask(image):
+    """``[H, W]`` bool: the pixels of an ``[H, W, 3]`` uint8 image farther than FOREGROUND_DISTANCE from the background."""
+    return np.linalg.norm(image.astype(np.float32) - np.array(BACKGROUND, dtype=np.float32), axis=-1) > FOREGROUND_DISTANCE
+
+
 def layout_of(image, objects):
     """Where ``image`` (``[H, W, 3]`` uint8) draws each of ``objects``: its ``(cx, cy, radius)``, estimated from the
     foreground of its half (one object: of the whole image) as if it were the named shape, within the ranges the world
     draws at. An object with no foreground is placed at the middle of its range."""
-    foreground = np.linalg.norm(image.astype(np.float32) - np.array(BACKGROUND, dtype=np.float32), axis=-1) > FOREGROUND_DISTANCE
+    foreground = foreground_mask(image)
     layout = []
     for index, obj in enumerate(objects):
         region = foreground.copy()
