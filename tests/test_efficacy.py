@@ -520,3 +520,55 @@ def test_a_failed_fine_tune_exits_naming_it_and_records_nothing(tmp_path, monkey
     with pytest.raises(SystemExit, match="train_comat.py failed \\(exit 2\\) in the fine-tune 'caption only'"):
         experiment.finetune("caption only", ["--no_such_flag"], str(tmp_path / "world"), str(tmp_path / "out"), experiment.SETTINGS["quick"], 1)
     assert not (tmp_path / "out" / "runs" / "caption_only" / "efficacy_command.json").exists()
+
+
+def _fake_results(result_dir, seed, gain, frechet_distance, train_flags="--num_grad_steps 5 --adversarial_loss_weight 0.05"):
+    def stat(mean):
+        return {"mean": mean, "ci95": [mean, mean], "n": 216}
+
+    base = dict(full_prompt_accuracy=stat(0.15), full_prompt_accuracy_on_palette=stat(0.15), parsed=stat(0.98),
+                background_cleanliness=stat(0.99), off_palette_distance=stat(15.0))
+    model = dict(full_prompt_accuracy=stat(0.15 + gain), full_prompt_accuracy_on_palette=stat(0.15 + gain / 2),
+                 parsed=stat(0.99), background_cleanliness=stat(0.99), off_palette_distance=stat(15.3))
+    results = dict(train_flags=train_flags + (f" --seed {seed}" if seed else ""), settings={"max_train_steps": 400},
+                   captioner="world/blip", split="balanced", evaluation_prompts=["a red circle and a blue square"],
+                   seeds=list(range(8)), summary={"base": base, "full CoMat": model},
+                   fidelity={"base": dict(frechet_distance=1.0, row_mean=15.7, row_sd=2.8, frechet_distance_other_seeds=0.97),
+                             "full CoMat": dict(frechet_distance=frechet_distance, row_mean=16.0, row_sd=2.5)})
+    os.makedirs(result_dir)
+    with open(os.path.join(result_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    return str(result_dir)
+
+
+def test_across_seeds_counts_the_runs_that_meet_each_half_of_the_target(tmp_path):
+    from benchmarks.efficacy import across_seeds
+
+    runs = [_fake_results(tmp_path / "s0", 0, 0.17, 1.04), _fake_results(tmp_path / "s2", 2, 0.25, 1.30),
+            _fake_results(tmp_path / "s1", 1, 0.31, 1.02)]
+    across_seeds.main([*runs, "--output", str(tmp_path / "across.md")])
+    summary = json.loads((tmp_path / "across.json").read_text())
+    assert [row["seed"] for row in summary["runs"]] == [0, 1, 2]
+    assert [row["meets_gain"] for row in summary["runs"]] == [False, True, True]
+    # the off-palette distance is 2% worse, the Fréchet distance 2% (seed 1) and 30% (seed 2) worse
+    assert [row["fidelity_within_band"] for row in summary["runs"]] == [True, True, False]
+    assert summary["meet_gain"] == 2 and summary["meet_both"] == 1
+    assert summary["runs"][0]["parsed_worse_by"] < 0 < summary["runs"][2]["frechet_distance_worse_by"]
+    assert summary["spread"]["gain"]["mean"] == pytest.approx(24.333, abs=1e-3)
+    table = (tmp_path / "across.md").read_text()
+    assert "+24.3 ± 7.0" in table and "Gain ≥ +20: 2 of 3 seeds" in table and "0.970 (-3.0%)" in table
+
+
+def test_across_seeds_refuses_runs_that_differ_in_more_than_the_seed(tmp_path):
+    from benchmarks.efficacy import across_seeds
+
+    same = _fake_results(tmp_path / "a", 1, 0.2, 1.1, train_flags="--adversarial_loss_weight 0.05 --num_grad_steps 5")
+    other = _fake_results(tmp_path / "b", 2, 0.2, 1.1, train_flags="--adversarial_loss_weight 0.1 --num_grad_steps 5")
+    reordered = _fake_results(tmp_path / "c", 0, 0.2, 1.1)
+    assert len(across_seeds.summarise([same, reordered])["runs"]) == 2
+    with pytest.raises(SystemExit, match="differ in more than --seed"):
+        across_seeds.summarise([same, other])
+    with pytest.raises(SystemExit, match="--model"):
+        across_seeds.summarise([same], model="caption only")
+    with pytest.raises(SystemExit, match="no results.json"):
+        across_seeds.main([same, str(tmp_path)])
