@@ -3,9 +3,10 @@ target (issue 11: ≥ +20 held-out points over the base, the fidelity statistics
 
 Reads the ``results.json`` of several ``experiment`` runs that differ only in ``--seed`` (in ``--train_flags``),
 takes one model of each (``--model``, default ``full CoMat``: the last step), and writes a table per run, the mean
-and SD over runs, and per run which of the target's conditions hold. A statistic is "within 5%" when it is at most
-5% worse than the base's (higher is better for parsed and background cleanliness; lower for the Fréchet distance
-and the colours' distance off the palette).
+and SD over runs, and per run which of the target's conditions hold. The target's fidelity statistics are the three
+the issue names (parsed by the judge, background cleanliness, Fréchet distance); the colours' distance off the
+palette, which the project added to catch blends, is counted beside them. A statistic is "within 5%" when it is at
+most 5% worse than the base's (higher is better for parsed and background cleanliness; lower for the distances).
 
     python -m benchmarks.efficacy.across_seeds efficacy-results/balanced-scene-in-place-full-w0.05-dlr5e-4-K5 \\
         efficacy-results/balanced-scene-in-place-full-w0.05-dlr5e-4-K5-seed{1,2,3} --output across_seeds.md
@@ -27,6 +28,7 @@ FIDELITY_STATISTICS = {
     "frechet_distance": ("fidelity", False),
     "off_palette_distance": ("summary", False),
 }
+TARGET_FIDELITY_STATISTICS = ("parsed", "background_cleanliness", "frechet_distance")
 
 
 def training_seed(train_flags):
@@ -72,7 +74,8 @@ def run_row(results, model):
         row[name] = value
         row[f"{name}_worse_by"] = worse_by(value, base_value, higher_is_better)
     row["meets_gain"] = bool(row["gain"] >= TARGET_GAIN)
-    row["fidelity_within_band"] = bool(all(row[f"{name}_worse_by"] <= BAND for name in FIDELITY_STATISTICS))
+    row["fidelity_within_band"] = bool(all(row[f"{name}_worse_by"] <= BAND for name in TARGET_FIDELITY_STATISTICS))
+    row["palette_within_band"] = bool(row["off_palette_distance_worse_by"] <= BAND)
     return row
 
 
@@ -98,7 +101,9 @@ def summarise(result_dirs, model="full CoMat"):
     return dict(model=model, runs=rows, spread=spread, base_frechet_distance=results["fidelity"]["base"]["frechet_distance"],
                 base_frechet_distance_other_seeds=results["fidelity"]["base"].get("frechet_distance_other_seeds"),
                 meet_gain=sum(row["meets_gain"] for row in rows),
-                meet_both=sum(row["meets_gain"] and row["fidelity_within_band"] for row in rows))
+                meet_target=sum(row["meets_gain"] and row["fidelity_within_band"] for row in rows),
+                meet_target_and_palette=sum(row["meets_gain"] and row["fidelity_within_band"] and row["palette_within_band"]
+                                            for row in rows))
 
 
 def markdown(summary):
@@ -121,8 +126,9 @@ def markdown(summary):
                  f"{spread['frechet_distance']['mean']:.3f} ± {spread['frechet_distance']['sd']:.3f} | "
                  f"{spread['off_palette_distance']['mean']:.1f} | {spread['row_mean']['mean']:.1f} |")
     lines += ["", f"(in brackets: how much worse than the base). Gain ≥ +{TARGET_GAIN:.0f}: {summary['meet_gain']} of "
-                  f"{len(summary['runs'])} seeds; with every fidelity statistic within {100 * BAND:.0f}% of the base's as well: "
-                  f"{summary['meet_both']}."]
+                  f"{len(summary['runs'])} seeds; with parsed, background and Fréchet distance within {100 * BAND:.0f}% of the "
+                  f"base's as well (the target): {summary['meet_target']}; with the colours off the palette within "
+                  f"{100 * BAND:.0f}% too: {summary['meet_target_and_palette']}."]
     if summary["base_frechet_distance_other_seeds"] is not None:
         noise = worse_by(summary["base_frechet_distance_other_seeds"], summary["base_frechet_distance"], higher_is_better=False)
         lines.append(f"The base model's Fréchet distance on as many other evaluation seeds: "
