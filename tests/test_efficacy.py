@@ -525,7 +525,7 @@ def test_a_failed_fine_tune_exits_naming_it_and_records_nothing(tmp_path, monkey
 def _fake_results(result_dir, seed, gain, frechet_distance, off_palette_distance=15.3,
                   train_flags="--num_grad_steps 5 --adversarial_loss_weight 0.05"):
     def stat(mean):
-        return {"mean": mean, "ci95": [mean, mean], "n": 216}
+        return {"mean": mean, "ci95": [mean - 0.06, mean + 0.06], "n": 216}
 
     base = dict(full_prompt_accuracy=stat(0.15), full_prompt_accuracy_on_palette=stat(0.15), parsed=stat(0.98),
                 background_cleanliness=stat(0.99), off_palette_distance=stat(15.0))
@@ -551,6 +551,7 @@ def test_across_seeds_counts_the_runs_that_meet_each_half_of_the_target(tmp_path
     summary = json.loads((tmp_path / "across.json").read_text())
     assert [row["seed"] for row in summary["runs"]] == [0, 1, 2]
     assert [row["meets_gain"] for row in summary["runs"]] == [False, True, True]
+    assert [row["intervals_apart"] for row in summary["runs"]] == [True, True, True]
     # the Fréchet distance is 2% (seed 1) and 30% (seed 2) worse; the off-palette distance 2% (seed 0) and 10% worse
     assert [row["fidelity_within_band"] for row in summary["runs"]] == [True, True, False]
     assert [row["palette_within_band"] for row in summary["runs"]] == [True, False, False]
@@ -558,7 +559,19 @@ def test_across_seeds_counts_the_runs_that_meet_each_half_of_the_target(tmp_path
     assert summary["runs"][0]["parsed_worse_by"] < 0 < summary["runs"][2]["frechet_distance_worse_by"]
     assert summary["spread"]["gain"]["mean"] == pytest.approx(24.333, abs=1e-3)
     table = (tmp_path / "across.md").read_text()
-    assert "+24.3 ± 7.0" in table and "Gain ≥ +20: 2 of 3 seeds" in table and "0.970 (-3.0%)" in table
+    assert "+24.3 ± 7.0" in table and "apart: 2 of 3 seeds" in table and "0.970 (-3.0%)" in table
+
+
+def test_across_seeds_asks_for_the_confidence_intervals_apart(tmp_path):
+    from benchmarks.efficacy import across_seeds
+
+    # a +20.5 gain whose interval (±0.15) reaches into the base's (±0.06) does not meet the target
+    run = _fake_results(tmp_path / "s0", 0, 0.205, 1.0)
+    with open(os.path.join(run, "results.json")) as f:
+        results = json.load(f)
+    results["summary"]["full CoMat"]["full_prompt_accuracy"]["ci95"] = [0.355 - 0.15, 0.355 + 0.15]
+    row = across_seeds.run_row(results, "full CoMat")
+    assert row["gain"] == pytest.approx(20.5) and not row["intervals_apart"] and not row["meets_gain"]
 
 
 def test_across_seeds_refuses_runs_that_differ_in_more_than_the_seed(tmp_path):
