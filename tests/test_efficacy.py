@@ -587,3 +587,8 @@ def test_across_seeds_refuses_runs_that_differ_in_more_than_the_seed(tmp_path):
         across_seeds.summarise([same], model="caption only")
     with pytest.raises(SystemExit, match="no results.json"):
         across_seeds.main([same, str(tmp_path)])
+    with open(os.path.join(same, "results.json")) as f:
+        older = json.load(f)
+    del older["summary"]["full CoMat"]["off_palette_distance"]
+    with pytest.raises(SystemExit, match="off_palette_distance.*run its command again"):
+        across_seeds.run_row(older, "full CoMat")

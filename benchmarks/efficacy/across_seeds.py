@@ -49,6 +49,9 @@ def setting_of(results):
 
 def _statistic(results, model, name):
     where, _ = FIDELITY_STATISTICS[name]
+    if name not in results[where][model]:
+        raise SystemExit(f"a results.json has no {name!r} for {model!r}: it comes from an older experiment.py; "
+                         "run its command again (the fine-tunes are reused) to add it.")
     entry = results[where][model][name]
     return entry["mean"] if isinstance(entry, dict) else entry
 
