@@ -242,10 +242,20 @@ def classify_shape(mask):
     return max(overlaps, key=overlaps.get)
 
 
+def distance_to_background(image):
+    """``[H, W]``: each pixel's RGB distance from the background colour, for an ``[H, W, 3]`` uint8 image."""
+    return np.linalg.norm(image.astype(np.float32) - np.array(BACKGROUND, dtype=np.float32), axis=-1)
+
+
+def foreground_mask(image):
+    """``[H, W]`` bool: the pixels of an ``[H, W, 3]`` uint8 image farther than FOREGROUND_DISTANCE from the background."""
+    return distance_to_background(image) > FOREGROUND_DISTANCE
+
+
 def parse_image(image):
     """The objects of an ``[H, W, 3]`` uint8 image, left to right, each with colour, shape and pixels."""
     pixels = image.astype(np.float32)
-    background_distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32), axis=-1)
+    background_distance = distance_to_background(image)
     foreground = background_distance > FOREGROUND_DISTANCE
     found = []
     for mask in _components(foreground):
@@ -286,8 +296,7 @@ def judge(image, prompt):
 
 def background_cleanliness(image):
     """Share of the pixels outside every object that are within the foreground distance of the background."""
-    pixels = image.astype(np.float32)
-    distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32), axis=-1)
+    distance = distance_to_background(image)
     objects = np.zeros(distance.shape, dtype=bool)
     for component in parse_image(image):
         objects |= component.pixels
@@ -397,11 +406,6 @@ PALETTE_PRIOR_WEIGHT = 3.0
 # (its width grows linearly from the apex, 1.1 r above the centre, to the base, 1.1 r below).
 _AREA_OVER_SQUARED_RADIUS = {"circle": np.pi, "square": 1.8**2, "triangle": 0.5 * 2.2 * 2.4}
 _TRIANGLE_CENTROID_BELOW_CENTER = 2 / 3 * 2.2 - 1.1
-
-
-def foreground_mask(image):
-    """``[H, W]`` bool: the pixels of an ``[H, W, 3]`` uint8 image farther than FOREGROUND_DISTANCE from the background."""
-    return np.linalg.norm(image.astype(np.float32) - np.array(BACKGROUND, dtype=np.float32), axis=-1) > FOREGROUND_DISTANCE
 
 
 def layout_of(image, objects):
