@@ -33,9 +33,10 @@ TARGET_FIDELITY_STATISTICS = ("parsed", "background_cleanliness", "frechet_dista
 
 
 def training_seed(train_flags):
-    """The ``--seed`` a run's ``--train_flags`` set (train_comat.py's default, 0, when they set none)."""
-    match = re.search(r"--seed[ =](\d+)", train_flags or "")
-    return int(match.group(1)) if match else 0
+    """The ``--seed`` a run's ``--train_flags`` set: the last one, as argparse reads them; 0 when they set none (the
+    experiment passes ``--seed 0`` before them)."""
+    seeds = re.findall(r"--seed[ =](\d+)", train_flags or "")
+    return int(seeds[-1]) if seeds else 0
 
 
 def setting_of(results):
@@ -101,6 +102,7 @@ def summarise(result_dirs, model="full CoMat"):
         raise SystemExit("these runs differ in more than --seed (settings, other train flags, captioner, split or "
                          f"evaluation): {list(settings.values())}; compare runs of one experiment command.")
     rows.sort(key=lambda row: row["seed"])
+    # every run evaluated the same base on the same prompts and seeds (checked above): any run's base will do
     numbers = [key for key, value in rows[0].items() if isinstance(value, float)]
     spread = {key: dict(mean=float(np.mean([row[key] for row in rows])),
                         sd=float(np.std([row[key] for row in rows], ddof=1)) if len(rows) > 1 else float("nan"))
