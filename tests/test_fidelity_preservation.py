@@ -25,6 +25,7 @@ from utils.fidelity_preservation import (
     discriminator_accuracy,
     discriminator_loss,
     generator_adversarial_loss,
+    latent_moment_loss,
     lora_disabled,
     reference_noise_seed,
 )
@@ -541,3 +542,20 @@ def test_lora_disabled_samples_exactly_like_the_base_model(tiny_sd_path):
         with lora_disabled(pipe.unet):
             raise RuntimeError("inside")
     assert _adapter_state(pipe.unet) == state
+
+
+def test_latent_moment_loss_is_zero_for_the_reference_and_its_gradient_brings_grown_latents_back():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(8, 4, 16, 16, generator=generator) * torch.tensor([1.0, 1.2, 0.6, 1.1])[None, :, None, None]
+    assert latent_moment_loss(reference, reference) == 0
+    fresh = torch.randn(8, 4, 16, 16, generator=generator) * torch.tensor([1.0, 1.2, 0.6, 1.1])[None, :, None, None]
+    assert latent_moment_loss(fresh, reference) < 0.01  # other samples of the same distribution: nearly nothing
+    grown = (fresh * 8 - 6).requires_grad_(True)  # the blown-up latents of a hacked run: |z| 8, channel means -6
+    loss = latent_moment_loss(grown, reference)
+    assert loss > 100
+    loss.backward()
+    with torch.no_grad():
+        stepped = grown - 0.5 * grown.grad * grown.numel() / grown.shape[1]  # a step per element of the channel's scale
+    assert latent_moment_loss(stepped, reference) < 0.1 * loss.item()
+    half = latent_moment_loss(grown.detach().half(), reference.half())
+    assert half.dtype == torch.float32 and torch.isfinite(half)

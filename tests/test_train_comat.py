@@ -6,6 +6,7 @@ LoRA format) is tested on both.
 """
 
 import json
+import math
 import os
 import shutil
 
@@ -138,6 +139,30 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_pa
     assert any(not torch.equal(checkpointed[k], uninterrupted[k]) for k in uninterrupted)  # steps 3-4 trained
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["fp16, accumulation 2", "bf16, accumulation 2", "two processes"])
+def test_the_latent_moment_loss_trains_on_every_path_and_keeps_the_processes_in_sync(path, tiny_paths, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = {
+        "fp16, accumulation 2": dict(mixed_precision="fp16", gradient_accumulation_steps=2),
+        "bf16, accumulation 2": dict(mixed_precision="bf16", gradient_accumulation_steps=2),
+        "two processes": {},
+    }[path]
+    num_processes = 2 if path == "two processes" else 1
+    output_dir = tmp_path / "out"
+    result = run_script("torchrun" if num_processes == 2 else "python", SCRIPT, tiny_args(
+        tiny_paths, str(output_dir), train_batch_size=1, max_train_steps=2, no_attribute_concentration=True,
+        latent_moment_loss_weight=1.0, report_to="tensorboard", **overrides,
+    ), num_processes=num_processes)
+    if num_processes == 2:
+        assert "LoRA identical on 2 processes" in result.stdout
+    accumulator = EventAccumulator(str(output_dir / "logs" / "comat"))
+    accumulator.Reload()
+    moments = [event.value for event in accumulator.Scalars("latent_moment_loss")]
+    assert len(moments) == 2 and all(math.isfinite(value) and value > 0 for value in moments)
+    assert all(math.isfinite(event.value) for event in accumulator.Scalars("discriminator_loss"))
 
 
 @pytest.mark.parametrize("family", ["sdxl"])  # the loop is shared by both families; SD runs on two processes in test_resume_and_preemption.py

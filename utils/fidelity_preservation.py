@@ -443,6 +443,20 @@ def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
+def latent_moment_loss(latents: torch.Tensor, reference_latents: torch.Tensor) -> torch.Tensor:
+    """Squared differences of the per-channel mean and SD (over the batch and the latent pixels) of the generated
+    ``latents`` and the ``reference_latents`` ([B, C, h, w] each), summed over channels; in fp32.
+
+    An anchor for the scale of the latents, which the discriminator does not hold by itself: a pixel-space reward can be
+    lowered by latents far larger than any the VAE makes (its decoder saturates), which D tells from real ones at once
+    but whose gradient does not bring back (README, "Does it work?")."""
+    latents, reference_latents = latents.float(), reference_latents.float()
+    dims = (0, 2, 3)
+    mean_gap = latents.mean(dim=dims) - reference_latents.mean(dim=dims)
+    sd_gap = latents.std(dim=dims) - reference_latents.std(dim=dims)
+    return (mean_gap**2 + sd_gap**2).sum()
+
+
 @torch.no_grad()
 def discriminator_accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fractions of real logits > 0 and of fake logits < 0 (per latent pixel), for logging."""

@@ -150,6 +150,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     fidelity.add_argument("--discriminator_model_name_or_path", type=str, default=None, help="Checkpoint whose UNet initialises the discriminator. Default: the base model (then D shares its frozen weights: only D's LoRA and head are added).")
     fidelity.add_argument("--discriminator_rank", type=int, default=128, help="LoRA rank of the discriminator (recipe: 128).")
     fidelity.add_argument("--adversarial_loss_weight", type=float, default=recipe["adversarial_loss_weight"], help="Weight of the generator's adversarial loss.")
+    fidelity.add_argument("--latent_moment_loss_weight", type=float, default=0.0, help="Weight of a penalty that holds the per-channel mean and SD of the generated latents to those of the reference latents (the original model's samples of the same prompts; utils/fidelity_preservation.latent_moment_loss). Not in the paper: it stops the latents growing off the VAE's range, which the discriminator sees but does not undo (README, \"Does it work?\"). Default: 0 (off, the recipe).")
     fidelity.add_argument("--discriminator_learning_rate", type=float, default=recipe["discriminator_learning_rate"], help="Discriminator AdamW learning rate.")
     fidelity.add_argument("--discriminator_adam_beta1", type=float, default=0.0, help="Discriminator AdamW beta1 (recipe: 0).")
     fidelity.add_argument("--discriminator_adam_beta2", type=float, default=0.999, help="Discriminator AdamW beta2.")
@@ -193,6 +194,10 @@ def validate_args(args, parser):
         parser.error(f"--caption_scorer {args.caption_scorer}: give MODULE:NAME, e.g. benchmarks.efficacy.world:load_color_oracle.")
     if args.prepare_reference_latents_only and not args.fidelity_preservation:
         parser.error("--prepare_reference_latents_only fills the cache of Fidelity Preservation: drop --no_fidelity_preservation.")
+    if args.latent_moment_loss_weight < 0:
+        parser.error(f"--latent_moment_loss_weight {args.latent_moment_loss_weight} must be 0 (off) or positive.")
+    if args.latent_moment_loss_weight > 0 and not args.fidelity_preservation:
+        parser.error("--latent_moment_loss_weight compares the latents with Fidelity Preservation's reference latents: drop --no_fidelity_preservation.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1.")
     if args.eval_prompts is not None:

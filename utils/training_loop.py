@@ -60,6 +60,7 @@ from .fidelity_preservation import (
     discriminator_accuracy,
     discriminator_loss,
     generator_adversarial_loss,
+    latent_moment_loss,
     lora_disabled,
     reference_noise_seed,
 )
@@ -453,6 +454,12 @@ class CoMatIteration:
             losses["entities_per_prompt"] = torch.tensor(num_entities / len(batch_prompts))
             losses["undetected_entities_per_prompt"] = torch.tensor(num_undetected / len(batch_prompts))
         final_timestep = self.sampling_scheduler.timesteps[-1]
+        real_latents = None
+        if self.fidelity is not None and args.latent_moment_loss_weight > 0:
+            with timer.phase("reference_latents"):
+                real_latents = self.reference_latents(batch_prompts)
+            losses["latent_moment_loss"] = latent_moment_loss(clean_latents, real_latents)
+            loss = loss + args.latent_moment_loss_weight * losses["latent_moment_loss"]
         if self.fidelity is not None:
             with timer.phase("discriminator_g"):
                 losses["adversarial_loss_g"] = self.fidelity.generator_loss(clean_latents, final_timestep)
@@ -467,8 +474,9 @@ class CoMatIteration:
 
         # Discriminator: reference latents of the frozen model ("real") vs. detached samples ("fake").
         if self.fidelity is not None:
-            with timer.phase("reference_latents"):
-                real_latents = self.reference_latents(batch_prompts)
+            if real_latents is None:
+                with timer.phase("reference_latents"):
+                    real_latents = self.reference_latents(batch_prompts)
             with timer.phase("discriminator_d"), self.fidelity.trainable():
                 losses.update(self.fidelity.discriminator_losses(real_latents, clean_latents.detach(), final_timestep))
                 is_finite &= bool(torch.isfinite(losses["discriminator_loss"]).item())
