@@ -392,6 +392,12 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert probed["images"] == len(world.FINETUNE_PROMPTS)
     logits = probed["discriminator_logits_on_base_samples"]
     assert 0 <= logits["object_pixel_share"] <= 1 and all(logits[name] is None or np.isfinite(logits[name]) for name in ("object_pixels", "background_pixels"))
+    # What D calls real, and where the samples sit in latent space: base samples, true renders, the LoRA's samples.
+    assert set(probed["discriminator_real_share"]) == set(probed["latents"]) == {"base samples", "true renders", "LoRA samples"}
+    assert all(0 <= share <= 1 for share in probed["discriminator_real_share"].values())
+    for statistics in probed["latents"].values():
+        assert len(statistics["channel_mean"]) == len(statistics["channel_sd"]) == 4
+        assert statistics["mean_abs"] > 0 and statistics["round_trip_error"] >= 0
 
     from benchmarks.efficacy import attention_localisation
 

@@ -8,8 +8,14 @@ every few steps the exact judge reads the decoded images. It also reports D's lo
 pixels and at background pixels of the latent: a per-pixel discriminator that scores objects lower than the
 background asks the generator to paint objects over with background.
 
+And where the checkpoint's generator stands: for the base model's samples, the VAE latents of the true renders of the
+same prompts, and the samples of the checkpoint's LoRA (same seeds), the share of latent pixels D calls real, and
+their latent statistics — mean |z|, per-channel mean and SD, and the round-trip error of decoding and re-encoding them
+with the world's VAE (how far they are from the latents the VAE itself makes; the base model's samples: 0.14).
+
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.adversarial_probe --world_dir world \\
         --checkpoint efficacy-results/scene-oracle-d2e-5/runs/full_CoMat/checkpoint-200 --output adversarial_probe.json
+    # a balanced-split run: --split balanced (the split's fine-tune prompts)
 """
 
 import argparse
@@ -50,16 +56,44 @@ def _object_pixels(arrays, latent_side):
     return coverage >= 0.5
 
 
-def probe(world_dir, checkpoint, seeds=4, steps=60, learning_rate=0.01, every=10, num_inference_steps=20):
+@torch.no_grad()
+def latent_statistics(vae, latents):
+    """Mean |z|, per-channel mean and SD, and the RMS round-trip error of decoding and re-encoding ``latents`` (the
+    encoder's mean; SD's scaled latent space)."""
+    decoded = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    round_trip = vae.encode(decoded).latent_dist.mean * vae.config.scaling_factor
+    return dict(mean_abs=float(latents.abs().mean()), channel_mean=latents.mean(dim=(0, 2, 3)).tolist(),
+                channel_sd=latents.std(dim=(0, 2, 3)).tolist(), round_trip_error=float((round_trip - latents).pow(2).mean().sqrt()))
+
+
+@torch.no_grad()
+def render_latents(vae, prompts, seed=0):
+    """The VAE latents (encoder mean, scaled) of one true render per entry of ``prompts``."""
+    rng = np.random.default_rng(seed)
+    images = np.stack([world.render(world.objects_of(prompt), rng) for prompt in prompts])
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return vae.encode(pixels * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+
+
+def probe(world_dir, checkpoint, seeds=4, steps=60, learning_rate=0.01, every=10, num_inference_steps=20, split="hash"):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
 
+    def sample(pipeline):
+        generators = [torch.Generator().manual_seed(s) for _ in finetune_prompts for s in range(seeds)]
+        return pipeline(prompts, generator=generators, output_type="latent", num_inference_steps=num_inference_steps,
+                        guidance_scale=GUIDANCE_SCALE).images
+
     pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(world_dir, "sd"), safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
-    prompts = [p for p in world.FINETUNE_PROMPTS for _ in range(seeds)]
-    generators = [torch.Generator().manual_seed(s) for _ in world.FINETUNE_PROMPTS for s in range(seeds)]
-    latents = pipeline(prompts, generator=generators, output_type="latent", num_inference_steps=num_inference_steps,
-                       guidance_scale=GUIDANCE_SCALE).images
+    finetune_prompts = world.SPLITS[split][0]
+    prompts = [p for p in finetune_prompts for _ in range(seeds)]
+    latents = sample(pipeline)
+    fine_tuned = StableDiffusionPipeline.from_pretrained(os.path.join(world_dir, "sd"), safety_checker=None)
+    fine_tuned.set_progress_bar_config(disable=True)
+    fine_tuned.load_lora_weights(checkpoint)
+    compared = {"base samples": latents, "true renders": render_latents(pipeline.vae, prompts), "LoRA samples": sample(fine_tuned)}
+    del fine_tuned
     vae, unet = pipeline.vae.requires_grad_(False), pipeline.unet.requires_grad_(False)
 
     with open(os.path.join(checkpoint, DISCRIMINATOR_CONFIG_NAME)) as f:
@@ -88,6 +122,10 @@ def probe(world_dir, checkpoint, seeds=4, steps=60, learning_rate=0.01, every=10
         object_pixel_share=float(objects.float().mean()), real_accuracy=float((base_logits.mean(dim=(1, 2)) > 0).float().mean()),
     )
     logger.info(f"D's logits on the base samples: {logit_summary}")
+    with torch.no_grad():
+        real_share = {name: float((logits(z) > 0).float().mean()) for name, z in compared.items()}
+    latents_summary = {name: latent_statistics(vae, z) for name, z in compared.items()}
+    logger.info(f"Share of latent pixels D calls real: {real_share}; latents: {latents_summary}")
 
     optimised = latents.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([optimised], lr=learning_rate)
@@ -101,9 +139,9 @@ def probe(world_dir, checkpoint, seeds=4, steps=60, learning_rate=0.01, every=10
             with torch.no_grad():
                 trajectory.append(dict(step=step, adversarial_loss=loss.item(), **_read(decoded_images(vae, optimised)[1], prompts)))
             logger.info(f"along L_adv_G: {trajectory[-1]}")
-    return dict(checkpoint=checkpoint, images=len(prompts), seeds=seeds, steps=steps, learning_rate=learning_rate,
-                num_inference_steps=num_inference_steps,
-                discriminator_logits_on_base_samples=logit_summary, along_adversarial_loss=trajectory)
+    return dict(checkpoint=checkpoint, split=split, images=len(prompts), seeds=seeds, steps=steps, learning_rate=learning_rate,
+                num_inference_steps=num_inference_steps, discriminator_logits_on_base_samples=logit_summary,
+                discriminator_real_share=real_share, latents=latents_summary, along_adversarial_loss=trajectory)
 
 
 def main(argv=None):
@@ -115,6 +153,7 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=float, default=0.01, help="Adam learning rate on the latents (default: 0.01).")
     parser.add_argument("--every", type=int, default=10, help="Judge the images every N steps (default: 10).")
     parser.add_argument("--num_inference_steps", type=int, default=20, help="The run's sampling steps: the base samples use them and D sees the schedule's last timestep (default: 20, experiment.py's).")
+    parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="Whose fine-tune prompts to sample: experiment.py's --split (default: hash).")
     parser.add_argument("--output", default="adversarial_probe.json", help="Where the results are written (JSON).")
     args = parser.parse_args(argv)
     if not os.path.isdir(os.path.join(args.world_dir, "sd")):
@@ -125,13 +164,17 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     start = time.perf_counter()
     result = probe(args.world_dir, args.checkpoint, args.seeds, args.steps, args.learning_rate, args.every,
-                   args.num_inference_steps)
+                   args.num_inference_steps, args.split)
     result["seconds"] = time.perf_counter() - start
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     logits, first, last = result["discriminator_logits_on_base_samples"], result["along_adversarial_loss"][0], result["along_adversarial_loss"][-1]
     print(f"D's mean logit on the base samples: objects {logits['object_pixels']}, background "
           f"{logits['background_pixels']} ({100 * logits['object_pixel_share']:.1f}% object pixels)")
+    for name, share in result["discriminator_real_share"].items():
+        statistics = result["latents"][name]
+        print(f"{name}: D calls {100 * share:.1f}% of latent pixels real; mean |z| {statistics['mean_abs']:.3f}, "
+              f"round-trip error {statistics['round_trip_error']:.3f}")
     for name in JUDGED:
         print(f"along L_adv_G, {name}: {100 * first[name]:.1f}% -> {100 * last[name]:.1f}%")
     print(args.output)
