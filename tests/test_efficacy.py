@@ -323,6 +323,11 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     from benchmarks.efficacy.pretrain import adversarial_captioner
 
     robust, prefers_true = adversarial_captioner(str(tmp_path / "world"), 16, steps=2, batch_size=4, dataset_size=8, check_images=4)
+    from benchmarks.efficacy.pretrain import independent_captioner
+
+    other, other_prefers_true = independent_captioner(str(tmp_path / "world"), 100, recipe="quick")
+    assert other == str(tmp_path / "world" / "blip-seed100") and 0 <= other_prefers_true <= 1
+    assert (tmp_path / "world" / "blip-seed100" / "model.safetensors").is_file()
     assert robust == str(tmp_path / "world" / "blip-adversarial-16") and 0 <= prefers_true <= 1
     probed = reward_probe.probe(str(tmp_path / "world"), robust, seeds=1, steps=2, every=1, prompt_set="finetune", split="balanced")
     distinct_colours = [p for p in world.SPLITS["balanced"][0] if world.swapped_prompt(p) != p]  # 18 of the hash split's 25

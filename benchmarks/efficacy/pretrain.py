@@ -11,6 +11,9 @@
   on clean renders only reads the world perfectly but its gradient barely says how to bind (see
   ``reward_probe.py``); CoMat follows that gradient.
 
+``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``), and
+``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``).
+
 Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
 recipe retrains the captioner only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
 says, so that the same command builds the same world bit for bit on any machine of the same kind.
@@ -285,6 +288,27 @@ def adversarial_captioner(world_dir, epsilon, steps, batch_size=64, dataset_size
     return output, swap_preference(model, processor, num_images=check_images)
 
 
+def independent_captioner(world_dir, seed, recipe="full"):
+    """Trains another captioner as the world's is trained — same recipe, another ``seed`` for its data and
+    initialisation — into ``WORLD/blip-seedSEED``: whether a generator's hack of one captioner fools another trained
+    alike (what an ensemble of captioners would need not to be). Returns the folder and the share of fresh two-object
+    images whose true caption it prefers to the attribute-swapped one."""
+    from diffusers import AutoencoderKL
+
+    settings = RECIPES[recipe]
+    with build_threads(BUILD_THREADS):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
+        images, prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
+        captioner, processor = train_captioner(images, reconstruct(vae, images), prompts, settings["captioner_steps"],
+                                               settings["batch_size"], generator)
+    output = os.path.join(world_dir, f"blip-seed{seed}")
+    captioner.save_pretrained(output)
+    processor.save_pretrained(output)
+    return output, swap_preference(captioner, processor, num_images=settings["check_images"])
+
+
 @torch.no_grad()
 def swap_preference(model, processor, num_images=400, seed=12345):
     """Share of fresh two-object images whose true caption the captioner prefers to the attribute-swapped one."""
@@ -388,6 +412,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the initialisation.")
     parser.add_argument("--adversarial_captioner", type=float, default=None, help="Also fine-tune the captioner adversarially with this L-inf radius (in 1/255) into WORLD_DIR/blip-adversarial-EPS (default: no).")
     parser.add_argument("--adversarial_steps", type=int, default=600, help="Steps of that fine-tune (default: 600).")
+    parser.add_argument("--captioner_seed", type=int, default=None, help="Also train another captioner with this seed (data and initialisation) into WORLD_DIR/blip-seedN: does a hack of one captioner fool another? (default: no).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     torch.set_flush_denormal(True)  # subnormal gradients cost CPUs a microcode assist each
@@ -395,6 +420,9 @@ def main(argv=None):
     if args.adversarial_captioner is not None:
         output, prefers_true = adversarial_captioner(args.world_dir, args.adversarial_captioner, args.adversarial_steps)
         print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of 200 fresh two-object images")
+    if args.captioner_seed is not None:
+        output, prefers_true = independent_captioner(args.world_dir, args.captioner_seed, "quick" if args.quick else "full")
+        print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of fresh two-object images")
 
 
 if __name__ == "__main__":
