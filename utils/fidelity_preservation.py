@@ -11,6 +11,9 @@ a non-saturating GAN loss in latent space:
   guidance), "fake" samples are the online model's x̂0;
 * ``L_D = BCE(D(x_ref), 1) + BCE(D(x̂0.detach()), 0)`` and ``L_adv_G = BCE(D(x̂0), 1)`` with D frozen.
 
+Not in the paper, off by default: :func:`latent_moment_loss` holds the per-channel mean and SD of x̂0 to the
+reference latents' (``--latent_moment_loss_weight``), against latents that grow off the VAE's range.
+
 Memory: when D is initialised from the generator's own checkpoint (the default), D does not hold a
 second UNet. It is a second peft LoRA adapter ("discriminator") on the *same* UNet module as the
 generator adapter ("default"); :meth:`UNetDiscriminator.forward` activates D's adapter for the call
