@@ -288,21 +288,26 @@ def adversarial_captioner(world_dir, epsilon, steps, batch_size=64, dataset_size
     return output, swap_preference(model, processor, num_images=check_images)
 
 
+def train_world_captioner(world_dir, settings, seed):
+    """The world's captioner recipe: ``settings["dataset_size"]`` captioner scenes and their reconstructions by the
+    world's VAE, drawn with ``seed + 1``, trained for ``settings["captioner_steps"]``. Returns (model, processor)."""
+    from diffusers import AutoencoderKL
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
+    images, prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
+    return train_captioner(images, reconstruct(vae, images), prompts, settings["captioner_steps"], settings["batch_size"], generator)
+
+
 def independent_captioner(world_dir, seed, recipe="full"):
     """Trains another captioner as the world's is trained — same recipe, another ``seed`` for its data and
     initialisation — into ``WORLD/blip-seedSEED``: whether a generator's hack of one captioner fools another trained
     alike (what an ensemble of captioners would need not to be). Returns the folder and the share of fresh two-object
     images whose true caption it prefers to the attribute-swapped one."""
-    from diffusers import AutoencoderKL
-
     settings = RECIPES[recipe]
     with build_threads(BUILD_THREADS):
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed + 1)
-        vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
-        images, prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
-        captioner, processor = train_captioner(images, reconstruct(vae, images), prompts, settings["captioner_steps"],
-                                               settings["batch_size"], generator)
+        captioner, processor = train_world_captioner(world_dir, settings, seed)
     output = os.path.join(world_dir, f"blip-seed{seed}")
     captioner.save_pretrained(output)
     processor.save_pretrained(output)
@@ -347,7 +352,7 @@ def build_threads(count):
 def build_world(world_dir, recipe="full", seed=0):
     """Train and save every model of the world into ``world_dir``; a part already built with the same settings is
     reused. Returns the summary written to ``world_complete.json``."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     settings = dict(RECIPES[recipe], recipe=recipe, seed=seed)
     wanted = {
@@ -386,11 +391,7 @@ def build_world(world_dir, recipe="full", seed=0):
 
         if "captioner" not in summary:
             start = time.perf_counter()
-            generator = torch.Generator().manual_seed(seed + 1)
-            vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
-            caption_images, caption_prompts = dataset(world.captioner_sample, settings["dataset_size"], seed + 1)
-            captioner, processor = train_captioner(caption_images, reconstruct(vae, caption_images), caption_prompts,
-                                                   settings["captioner_steps"], settings["batch_size"], generator)
+            captioner, processor = train_world_captioner(world_dir, settings, seed)
             captioner.save_pretrained(os.path.join(world_dir, "blip"))
             processor.save_pretrained(os.path.join(world_dir, "blip"))
             summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
