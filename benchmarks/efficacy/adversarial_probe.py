@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from benchmarks.efficacy import world
 from benchmarks.efficacy.experiment import WorldJudgeScorer
+from benchmarks.efficacy.pretrain import encode_means, images_to_tensor
 from benchmarks.efficacy.reward_probe import decoded_images
 from utils.fidelity_preservation import DISCRIMINATOR_CONFIG_NAME, UNetDiscriminator, generator_adversarial_loss
 
@@ -60,19 +61,16 @@ def _object_pixels(arrays, latent_side):
 def latent_statistics(vae, latents):
     """Mean |z|, per-channel mean and SD, and the RMS round-trip error of decoding and re-encoding ``latents`` (the
     encoder's mean; SD's scaled latent space)."""
-    decoded = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
-    round_trip = vae.encode(decoded).latent_dist.mean * vae.config.scaling_factor
+    round_trip = encode_means(vae, decoded_images(vae, latents)[0]) * vae.config.scaling_factor
     return dict(mean_abs=float(latents.abs().mean()), channel_mean=latents.mean(dim=(0, 2, 3)).tolist(),
                 channel_sd=latents.std(dim=(0, 2, 3)).tolist(), round_trip_error=float((round_trip - latents).pow(2).mean().sqrt()))
 
 
-@torch.no_grad()
 def render_latents(vae, prompts, seed=0):
     """The VAE latents (encoder mean, scaled) of one true render per entry of ``prompts``."""
     rng = np.random.default_rng(seed)
-    images = np.stack([world.render(world.objects_of(prompt), rng) for prompt in prompts])
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    return vae.encode(pixels * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    images = [world.render(world.objects_of(prompt), rng) for prompt in prompts]
+    return encode_means(vae, images_to_tensor(images)) * vae.config.scaling_factor
 
 
 def probe(world_dir, checkpoint, seeds=4, steps=60, learning_rate=0.01, every=10, num_inference_steps=20, split="hash"):
