@@ -11,6 +11,7 @@ from utils.differentiable_sampling import (
     select_attention_steps,
     select_gradient_steps,
 )
+from utils.fidelity_preservation import lora_disabled
 from utils.tiny_models import TINY_CROSS_ATTENTION_DIM, sd_scheduler, tiny_sd_unet, tiny_vae
 
 
@@ -58,7 +59,7 @@ def _lora_params(unet):
     return [p for n, p in unet.named_parameters() if "lora" in n]
 
 
-def _run(unet, gradient_steps, num_steps=6, detach=False, record=None, checkpointing=True):
+def _run(unet, gradient_steps, num_steps=6, detach=False, record=None, checkpointing=True, reference=None):
     torch.manual_seed(0)
     text = torch.randn(2, 3, TINY_CROSS_ATTENTION_DIM)
 
@@ -68,11 +69,17 @@ def _run(unet, gradient_steps, num_steps=6, detach=False, record=None, checkpoin
             record.append(out.requires_grad)
         return out
 
+    def base_denoise(latent_input, t):
+        with lora_disabled(unet):
+            return unet(latent_input, t, encoder_hidden_states=text).sample
+
+    reference_denoise = {None: None, "self": denoise, "base": base_denoise}[reference]
+
     latents = torch.randn(1, 4, 8, 8)
     scheduler = make_sampling_scheduler("ddpm", sd_scheduler().config)
     return sample_with_gradient(
         denoise, scheduler, latents, num_steps, gradient_steps, guidance_scale=7.5, detach_unet_input=detach,
-        gradient_checkpointing=checkpointing, generator=torch.Generator().manual_seed(1),
+        gradient_checkpointing=checkpointing, generator=torch.Generator().manual_seed(1), reference_denoise=reference_denoise,
     )
 
 
@@ -118,6 +125,39 @@ def test_detach_unet_input_changes_only_the_jacobian_path(lora_unet):
         _run(lora_unet, [3], detach=detach).square().mean().backward()
         single[detach] = torch.cat([p.grad.flatten() for p in _lora_params(lora_unet)])
     torch.testing.assert_close(single[False], single[True])
+
+
+def test_the_reference_gap_measures_the_lora_and_leaves_the_samples_alone(lora_unet):
+    plain = _run(lora_unet, [1, 4])
+    same, gap_to_itself = _run(lora_unet, [1, 4], reference="self")
+    # The reference runs without touching the trajectory or the sampler's noise generator.
+    assert torch.equal(plain, same) and gap_to_itself == 0
+    lora_unet.zero_grad(set_to_none=True)
+    moved, gap = _run(lora_unet, [1, 4], reference="base")
+    assert torch.equal(plain, moved) and gap.dtype == torch.float32 and gap > 0
+    gap.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _lora_params(lora_unet))
+    # Its gradient reaches the parameters only, not the latents: keeping the UNet input or not changes nothing.
+    grads = {}
+    for detach in (False, True):
+        lora_unet.zero_grad(set_to_none=True)
+        _run(lora_unet, [1, 4], detach=detach, reference="base")[1].backward()
+        grads[detach] = torch.cat([p.grad.flatten() for p in _lora_params(lora_unet)])
+    torch.testing.assert_close(grads[False], grads[True], rtol=1e-5, atol=1e-8)
+    # And it brings the LoRA back toward the base model.
+    trained = [p.detach().clone() for p in _lora_params(lora_unet)]
+    try:
+        grad_norm = torch.cat([p.grad.flatten() for p in _lora_params(lora_unet)]).norm()
+        with torch.no_grad():
+            for p in _lora_params(lora_unet):
+                p -= 0.01 * p.grad / grad_norm
+        lora_unet.zero_grad(set_to_none=True)
+        assert _run(lora_unet, [1, 4], reference="base")[1] < gap.item()
+    finally:
+        with torch.no_grad():
+            for p, value in zip(_lora_params(lora_unet), trained):
+                p.copy_(value)
+        lora_unet.zero_grad(set_to_none=True)
 
 
 def test_ddim_sampler_and_decode_to_unit_range(lora_unet):

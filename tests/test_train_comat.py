@@ -142,7 +142,7 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(trained_run, tiny_pa
 
 
 @pytest.mark.parametrize("path", ["fp16, accumulation 2", "bf16, accumulation 2", "two processes"])
-def test_the_latent_moment_loss_trains_on_every_path_and_keeps_the_processes_in_sync(path, tiny_paths, tmp_path):
+def test_the_latent_anchors_train_on_every_path_and_keep_the_processes_in_sync(path, tiny_paths, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     overrides = {
@@ -154,7 +154,7 @@ def test_the_latent_moment_loss_trains_on_every_path_and_keeps_the_processes_in_
     output_dir = tmp_path / "out"
     result = run_script("torchrun" if num_processes == 2 else "python", SCRIPT, tiny_args(
         tiny_paths, str(output_dir), train_batch_size=1, max_train_steps=2, no_attribute_concentration=True,
-        latent_moment_loss_weight=1.0, report_to="tensorboard", **overrides,
+        latent_moment_loss_weight=1.0, kl_loss_weight=1.0, report_to="tensorboard", **overrides,
     ), num_processes=num_processes)
     if num_processes == 2:
         assert "LoRA identical on 2 processes" in result.stdout
@@ -162,6 +162,8 @@ def test_the_latent_moment_loss_trains_on_every_path_and_keeps_the_processes_in_
     accumulator.Reload()
     moments = [event.value for event in accumulator.Scalars("latent_moment_loss")]
     assert len(moments) == 2 and all(math.isfinite(value) and value > 0 for value in moments)
+    kl = [event.value for event in accumulator.Scalars("kl_loss")]
+    assert kl[0] == 0 and math.isfinite(kl[1]) and kl[1] > 0  # the LoRA starts as the base model, then leaves it
     assert all(math.isfinite(event.value) for event in accumulator.Scalars("discriminator_loss"))
 
 

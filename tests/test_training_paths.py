@@ -148,16 +148,20 @@ def test_the_loss_scale_goes_through_a_checkpoint(fp16_iteration, tmp_path):
     assert scaler.get_scale() == 1234.0 and scaler._get_growth_tracker() == 7
 
 
-def test_the_latent_anchor_trains_under_the_fp16_grad_scaler(tiny_paths, tmp_path):
+def test_the_latent_anchors_train_under_the_fp16_grad_scaler(tiny_paths, tmp_path):
     comat = build_iteration(tiny_paths, str(tmp_path), mixed_precision="fp16", train_batch_size=1, num_inference_steps=2,
-                            num_grad_steps=1, no_attribute_concentration=True, latent_moment_loss_weight=1.0)
+                            num_grad_steps=1, no_attribute_concentration=True, latent_moment_loss_weight=1.0,
+                            kl_loss_weight=1.0)
     assert isinstance(comat.accelerator.scaler, torch.amp.GradScaler)
     losses, finite = comat.micro_step(PROMPTS[:1], 0)
     assert finite and losses["latent_moment_loss"].dtype == torch.float32 and losses["latent_moment_loss"] > 0
+    assert losses["kl_loss"] == 0  # the LoRA starts as the base model
     before = lora_state(comat)
     comat.update(True, 0)
     assert not comat.optimizer.step_was_skipped
     assert any(not torch.equal(b, a) for b, a in zip(before, lora_state(comat)))
+    losses, finite = comat.micro_step(PROMPTS[:1], 1)
+    assert finite and losses["kl_loss"].dtype == torch.float32 and losses["kl_loss"] > 0
 
 
 def test_lora_with_non_finite_values_is_refused_at_the_end():

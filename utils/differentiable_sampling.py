@@ -14,7 +14,12 @@ the T steps (recipe: K = 5) run the UNet with gradient:
   step stores only its inputs, and memory does not grow with T;
 * ``detach_unet_input`` chooses whether the UNet *input* at a gradient step is detached (SDXL
   recipe) or kept (SD1.5 recipe: gradient also flows through the UNet Jacobian into earlier
-  latents). The scheduler-update path above is kept either way.
+  latents). The scheduler-update path above is kept either way;
+* with ``reference_denoise`` (the frozen base model), each gradient step also runs the reference
+  without gradient on the same input, and the sampler returns the mean squared gap of the two guided
+  noise predictions: up to a per-step factor, the KL between the two samplers' DDPM steps. Its
+  gradient reaches the parameters only, never the latents (with a kept input the trained model runs
+  a second time, on the detached input).
 
 The UNet call is a closure supplied by the training script (``denoise(latent_model_input, t)``),
 so this module knows nothing about SD vs SDXL conditioning.
@@ -84,8 +89,14 @@ def sample_with_gradient(
     attention_steps: Sequence[int] = (),
     attention_capture: Optional[Callable[[], object]] = None,
     generator: Optional[torch.Generator | list[torch.Generator]] = None,
-) -> torch.Tensor:
+    reference_denoise: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+):
     """Run T denoising steps and return the final clean latent x̂0, differentiable w.r.t. the K gradient steps.
+
+    With ``reference_denoise`` it returns ``(x̂0, reference_gap)`` instead: ``reference_gap`` is the mean over the
+    gradient steps of the mean squared difference between the guided noise predictions of ``denoise`` and of
+    ``reference_denoise`` (run without gradient on the same input), fp32, differentiable w.r.t. the parameters of
+    ``denoise`` only.
 
     Args:
         denoise: ``denoise(latent_model_input, t) -> noise_pred`` for the classifier-free-guidance
@@ -99,6 +110,7 @@ def sample_with_gradient(
         attention_steps: gradient steps whose cross-attention maps are captured for Attribute
             Concentration; ``attention_capture()`` returns the context manager that turns capture on.
         generator: the sampler's noise generator (DDPM adds noise at every step), or one per sample.
+        reference_denoise: the frozen model's ``denoise``, to measure how far ``denoise`` has moved from it.
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
@@ -108,6 +120,7 @@ def sample_with_gradient(
         raise ValueError("Attention-loss steps must be gradient steps: maps captured without gradient cannot train.")
     first_gradient_step = min(gradient_steps) if gradient_steps else num_inference_steps
     latents = latents.detach()
+    reference_gaps = []
 
     for step_index, t in enumerate(timesteps):
         with_grad = step_index in gradient_steps
@@ -122,8 +135,16 @@ def sample_with_gradient(
                 with torch.no_grad():
                     noise_pred = _guided_noise(denoise, latents, t, scheduler)
             noise_pred = _apply_guidance(noise_pred, guidance_scale, guidance_rescale)
+            if with_grad and reference_denoise is not None:
+                reference_gaps.append(_reference_gap(
+                    denoise, reference_denoise, latents.detach(), t, scheduler, guidance_scale, guidance_rescale,
+                    noise_pred if detach_unet_input else None, gradient_checkpointing,
+                ))
             latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
-    return latents
+    if reference_denoise is None:
+        return latents
+    reference_gap = torch.stack(reference_gaps).mean() if reference_gaps else latents.new_zeros((), dtype=torch.float32)
+    return latents, reference_gap
 
 
 def _guided_noise(denoise, latents, t, scheduler):
@@ -138,6 +159,22 @@ def _unet_with_grad(denoise, latents, t, scheduler, gradient_checkpointing, capt
         if gradient_checkpointing:
             return checkpoint(_guided_noise, denoise, latents, t, scheduler, use_reentrant=False)
         return _guided_noise(denoise, latents, t, scheduler)
+
+
+def _reference_gap(denoise, reference_denoise, latents, t, scheduler, guidance_scale, guidance_rescale, noise_pred, gradient_checkpointing):
+    """Mean squared gap of the guided predictions of ``denoise`` and ``reference_denoise`` at detached ``latents``.
+
+    Its gradient must reach the parameters only: through a kept input it would also steer earlier steps to where the
+    trained model's prediction meets the reference's prediction *held fixed*, which is not the gap's gradient (the
+    reference moves with its input too). So ``noise_pred`` is reused only when its input was detached; otherwise the
+    trained model runs again on the detached input."""
+    if noise_pred is None:
+        noise_pred = _apply_guidance(
+            _unet_with_grad(denoise, latents, t, scheduler, gradient_checkpointing, False, None), guidance_scale, guidance_rescale
+        )
+    with torch.no_grad():
+        reference_pred = _apply_guidance(_guided_noise(reference_denoise, latents, t, scheduler), guidance_scale, guidance_rescale)
+    return (noise_pred.float() - reference_pred.float()).pow(2).mean()
 
 
 def _apply_guidance(noise_pred, guidance_scale, guidance_rescale):

@@ -108,6 +108,7 @@ ITERATION_PHASES = (
     "text_encoding",
     "sampling_no_grad",
     "gradient_steps",
+    "base_model_noise",
     "vae_decode",
     "grounding",
     "captioner",
@@ -379,8 +380,14 @@ class CoMatIteration:
         with self.timer.phase("gradient_steps" if torch.is_grad_enabled() else "sampling_no_grad"):
             return self.unet(latent_model_input.to(self.unet.dtype), t, **unet_kwargs).sample.float()
 
-    def sample(self, unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator):
-        """Online sampling from ``latents`` (unit noise) to the clean latents, differentiable at ``gradient_steps``."""
+    def base_noise(self, latent_model_input, t, unet_kwargs):
+        """The frozen base model's UNet call (generator LoRA off), for the KL penalty."""
+        with self.timer.phase("base_model_noise"), lora_disabled(self.unet):
+            return self.unet(latent_model_input.to(self.unet.dtype), t, **unet_kwargs).sample.float()
+
+    def sample(self, unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator, with_kl=False):
+        """Online sampling from ``latents`` (unit noise) to the clean latents, differentiable at ``gradient_steps``;
+        ``with_kl`` also returns the KL penalty to the base model (see ``sample_with_gradient``'s reference gap)."""
         args = self.args
         attention_capture = self.attribute_concentration.store.capturing if self.attribute_concentration is not None else None
         return sample_with_gradient(
@@ -388,6 +395,7 @@ class CoMatIteration:
             latents * self.sampling_scheduler.init_noise_sigma, num_inference_steps, gradient_steps, args.guidance_scale,
             args.guidance_rescale, args.detach_unet_input, args.gradient_checkpointing, attention_steps,
             attention_capture, generator,
+            reference_denoise=functools.partial(self.base_noise, unet_kwargs=unet_kwargs) if with_kl else None,
         )
 
     def sampling_noise(self, generator):
@@ -427,7 +435,10 @@ class CoMatIteration:
         latents = self.sampling_noise(generator)
         with timer.phase("text_encoding"):
             unet_kwargs = self.family.unet_kwargs(batch_prompts)
-        clean_latents = self.sample(unet_kwargs, latents, args.num_inference_steps, gradient_steps, attention_steps, generator)
+        sampled = self.sample(
+            unet_kwargs, latents, args.num_inference_steps, gradient_steps, attention_steps, generator, with_kl=args.kl_loss_weight > 0
+        )
+        clean_latents, kl_loss = sampled if args.kl_loss_weight > 0 else (sampled, None)
         with timer.phase("vae_decode"):
             images = decode_latents(self.vae, clean_latents)
         if self.attribute_concentration is not None:
@@ -453,6 +464,9 @@ class CoMatIteration:
             loss = loss + args.token_loss_weight * token_loss + args.pixel_loss_weight * pixel_loss
             losses["entities_per_prompt"] = torch.tensor(num_entities / len(batch_prompts))
             losses["undetected_entities_per_prompt"] = torch.tensor(num_undetected / len(batch_prompts))
+        if kl_loss is not None:
+            losses["kl_loss"] = kl_loss
+            loss = loss + args.kl_loss_weight * kl_loss
         final_timestep = self.sampling_scheduler.timesteps[-1]
         real_latents = None
         if self.fidelity is not None and args.latent_moment_loss_weight > 0:
