@@ -306,10 +306,10 @@ class ReferenceStyleIteration(CoMatIteration):
 
     split_timesteps = frozenset()
 
-    def sample(self, unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator):
+    def sample(self, unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator, with_kl=False):
         self.sampling_scheduler.set_timesteps(num_inference_steps)
         self.split_timesteps = {int(self.sampling_scheduler.timesteps[i]) for i in attention_steps}
-        return super().sample(unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator)
+        return super().sample(unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator, with_kl)
 
     def predict_noise(self, latent_model_input, t, unet_kwargs):
         # Decided by the timestep, not by capture, so that the recomputation of gradient checkpointing
