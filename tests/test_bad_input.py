@@ -54,6 +54,8 @@ def test_bad_flags(tiny_paths, tmp_path, overrides, message):
     ({"caption_scorer": "my_scorer"}, "--caption_scorer my_scorer: give MODULE:NAME"),
     ({"lora_layers": " , "}, "--lora_layers names no layer"),
     ({"kl_loss_weight": -1}, "--kl_loss_weight -1.0 must be 0 (off) or positive"),
+    ({"kl_loss_weight": 1.0, "kl_loss_min_timestep": -1}, "--kl_loss_min_timestep -1 must be 0"),
+    ({"kl_loss_min_timestep": 700}, "--kl_loss_min_timestep restricts the KL penalty, which is off"),
     ({"latent_moment_loss_weight": -1}, "--latent_moment_loss_weight -1.0 must be 0 (off) or positive"),
     ({"latent_moment_loss_weight": 1.0, "no_fidelity_preservation": True}, "--latent_moment_loss_weight compares the latents with Fidelity Preservation's"),
 ])

@@ -59,7 +59,7 @@ def _lora_params(unet):
     return [p for n, p in unet.named_parameters() if "lora" in n]
 
 
-def _run(unet, gradient_steps, num_steps=6, detach=False, record=None, checkpointing=True, reference=None):
+def _run(unet, gradient_steps, num_steps=6, detach=False, record=None, checkpointing=True, reference=None, min_timestep=0):
     torch.manual_seed(0)
     text = torch.randn(2, 3, TINY_CROSS_ATTENTION_DIM)
 
@@ -80,6 +80,7 @@ def _run(unet, gradient_steps, num_steps=6, detach=False, record=None, checkpoin
     return sample_with_gradient(
         denoise, scheduler, latents, num_steps, gradient_steps, guidance_scale=7.5, detach_unet_input=detach,
         gradient_checkpointing=checkpointing, generator=torch.Generator().manual_seed(1), reference_denoise=reference_denoise,
+        reference_min_timestep=min_timestep,
     )
 
 
@@ -158,6 +159,17 @@ def test_the_reference_gap_measures_the_lora_and_leaves_the_samples_alone(lora_u
             for p, value in zip(_lora_params(lora_unet), trained):
                 p.copy_(value)
         lora_unet.zero_grad(set_to_none=True)
+
+
+def test_the_reference_gap_counts_only_the_steps_from_its_smallest_timestep(lora_unet):
+    scheduler = make_sampling_scheduler("ddpm", sd_scheduler().config)
+    scheduler.set_timesteps(6)
+    between = int(scheduler.timesteps[4]) + 1  # above the timestep of step 4, below that of step 1
+    with torch.no_grad():
+        first_step_only = _run(lora_unet, [1], reference="base")[1]
+        assert _run(lora_unet, [1, 4], reference="base", min_timestep=between)[1] == first_step_only
+        assert _run(lora_unet, [1, 4], reference="base")[1] != first_step_only
+        assert _run(lora_unet, [1, 4], reference="base", min_timestep=1000)[1] == 0
 
 
 def test_ddim_sampler_and_decode_to_unit_range(lora_unet):

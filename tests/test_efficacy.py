@@ -404,6 +404,16 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
         assert len(statistics["channel_mean"]) == len(statistics["channel_sd"]) == 4
         assert statistics["mean_abs"] > 0 and statistics["round_trip_error"] >= 0
 
+    from benchmarks.efficacy import lora_from_step
+
+    # The LoRA on from step 0 is the experiment's full CoMat, on from the last step the base model: same images.
+    switched = lora_from_step.from_steps(str(tmp_path / "world"), str(last_checkpoint), [0, quick_steps], split="balanced",
+                                         seeds=experiment.SETTINGS["quick"]["seeds"], num_inference_steps=quick_steps, quick=True)
+    for step, model in ((0, "full CoMat"), (quick_steps, "base")):
+        entry = switched["from_steps"][f"from step {step}"]
+        assert entry["full_prompt_accuracy"] == results["summary"][model]["full_prompt_accuracy"]["mean"]
+        assert entry["frechet_distance"] == results["fidelity"][model]["frechet_distance"]
+
     from benchmarks.efficacy import attention_localisation
 
     located = attention_localisation.localisation(str(tmp_path / "world"), seeds=1, num_inference_steps=quick_steps)

@@ -90,11 +90,12 @@ def sample_with_gradient(
     attention_capture: Optional[Callable[[], object]] = None,
     generator: Optional[torch.Generator | list[torch.Generator]] = None,
     reference_denoise: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    reference_min_timestep: int = 0,
 ):
     """Run T denoising steps and return the final clean latent x̂0, differentiable w.r.t. the K gradient steps.
 
     With ``reference_denoise`` it returns ``(x̂0, reference_gap)`` instead: ``reference_gap`` is the mean over the
-    gradient steps of the mean squared difference between the guided noise predictions of ``denoise`` and of
+    gradient steps at timesteps ≥ ``reference_min_timestep`` (zero when there is none) of the mean squared difference between the guided noise predictions of ``denoise`` and of
     ``reference_denoise`` (run without gradient on the same input), fp32, differentiable w.r.t. the parameters of
     ``denoise`` only.
 
@@ -111,6 +112,7 @@ def sample_with_gradient(
             Concentration; ``attention_capture()`` returns the context manager that turns capture on.
         generator: the sampler's noise generator (DDPM adds noise at every step), or one per sample.
         reference_denoise: the frozen model's ``denoise``, to measure how far ``denoise`` has moved from it.
+        reference_min_timestep: the smallest timestep at which the gap is measured (0: every gradient step).
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
@@ -135,7 +137,7 @@ def sample_with_gradient(
                 with torch.no_grad():
                     noise_pred = _guided_noise(denoise, latents, t, scheduler)
             noise_pred = _apply_guidance(noise_pred, guidance_scale, guidance_rescale)
-            if with_grad and reference_denoise is not None:
+            if with_grad and reference_denoise is not None and t >= reference_min_timestep:
                 reference_gaps.append(_reference_gap(
                     denoise, reference_denoise, latents.detach(), t, scheduler, guidance_scale, guidance_rescale,
                     noise_pred if detach_unet_input else None, gradient_checkpointing,

@@ -151,6 +151,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, recipe: dict) -> arg
     fidelity.add_argument("--discriminator_rank", type=int, default=128, help="LoRA rank of the discriminator (recipe: 128).")
     fidelity.add_argument("--adversarial_loss_weight", type=float, default=recipe["adversarial_loss_weight"], help="Weight of the generator's adversarial loss.")
     fidelity.add_argument("--kl_loss_weight", type=float, default=0.0, help="Weight of a KL penalty that holds the sampler near the frozen base model's: at each gradient step the base model (LoRA off) also runs, without gradient, on the same latents, and the penalty is the mean squared difference of the two guided noise predictions (up to a per-step factor the KL between the two DDPM steps, as in DPOK). Not in the paper: it keeps each sample near the base model's sample of the same noise, and so the variety of layouts that no per-image term holds (README, \"Does it work?\"). Costs one UNet call without gradient per gradient step. Default: 0 (off, the recipe).")
+    fidelity.add_argument("--kl_loss_min_timestep", type=int, default=0, help="Count the KL penalty only at gradient steps whose timestep is at least this (of the training schedule's 1000): the high-noise steps, where the layout of an image is decided; below it the LoRA is free. Measured in the shapes world (README, \"Does it work?\"): a collapsed LoRA switched on only after the first 4 of 20 steps keeps the base model's layouts and two thirds of its gain. Default: 0 (every gradient step).")
     fidelity.add_argument("--latent_moment_loss_weight", type=float, default=0.0, help="Weight of a penalty that holds the per-channel mean and SD of the generated latents to those of the reference latents (the original model's samples of the same prompts; utils/fidelity_preservation.latent_moment_loss). Not in the paper: it stops the latents growing off the VAE's range, which the discriminator sees but does not undo (README, \"Does it work?\"). Default: 0 (off, the recipe).")
     fidelity.add_argument("--discriminator_learning_rate", type=float, default=recipe["discriminator_learning_rate"], help="Discriminator AdamW learning rate.")
     fidelity.add_argument("--discriminator_adam_beta1", type=float, default=0.0, help="Discriminator AdamW beta1 (recipe: 0).")
@@ -197,6 +198,10 @@ def validate_args(args, parser):
         parser.error("--prepare_reference_latents_only fills the cache of Fidelity Preservation: drop --no_fidelity_preservation.")
     if args.kl_loss_weight < 0:
         parser.error(f"--kl_loss_weight {args.kl_loss_weight} must be 0 (off) or positive.")
+    if args.kl_loss_min_timestep < 0:
+        parser.error(f"--kl_loss_min_timestep {args.kl_loss_min_timestep} must be 0 (every gradient step) or positive.")
+    if args.kl_loss_min_timestep > 0 and args.kl_loss_weight == 0:
+        parser.error("--kl_loss_min_timestep restricts the KL penalty, which is off: give --kl_loss_weight too.")
     if args.latent_moment_loss_weight < 0:
         parser.error(f"--latent_moment_loss_weight {args.latent_moment_loss_weight} must be 0 (off) or positive.")
     if args.latent_moment_loss_weight > 0 and not args.fidelity_preservation:

@@ -396,6 +396,7 @@ class CoMatIteration:
             args.guidance_rescale, args.detach_unet_input, args.gradient_checkpointing, attention_steps,
             attention_capture, generator,
             reference_denoise=functools.partial(self.base_noise, unet_kwargs=unet_kwargs) if with_kl else None,
+            reference_min_timestep=args.kl_loss_min_timestep,
         )
 
     def sampling_noise(self, generator):
