@@ -108,7 +108,6 @@ ITERATION_PHASES = (
     "text_encoding",
     "sampling_no_grad",
     "gradient_steps",
-    "base_model_noise",
     "vae_decode",
     "grounding",
     "captioner",
@@ -381,8 +380,8 @@ class CoMatIteration:
             return self.unet(latent_model_input.to(self.unet.dtype), t, **unet_kwargs).sample.float()
 
     def base_noise(self, latent_model_input, t, unet_kwargs):
-        """The frozen base model's UNet call (generator LoRA off), for the KL penalty."""
-        with self.timer.phase("base_model_noise"), lora_disabled(self.unet):
+        """The frozen base model's UNet call (generator LoRA off), for the KL penalty; timed as a no-grad sampling call."""
+        with self.timer.phase("sampling_no_grad"), lora_disabled(self.unet):
             return self.unet(latent_model_input.to(self.unet.dtype), t, **unet_kwargs).sample.float()
 
     def sample(self, unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator, with_kl=False):
