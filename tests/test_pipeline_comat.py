@@ -117,6 +117,31 @@ def test_custom_pipeline_is_the_family_pipeline_and_matches_stock_with_the_lora(
     assert np.abs(with_lora - without_lora).max() > 1e-3, "the test LoRA must change the images"
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_lora_start_leaves_the_first_part_of_the_schedule_to_the_base_model(family, comat_pipes):
+    pipe = comat_pipes[family]
+    with_lora = generate(pipe)
+    pipe.disable_lora()
+    base = generate(pipe)
+    pipe.enable_lora()
+    with pipe.lora_start(0.0):
+        assert np.array_equal(generate(pipe), with_lora)
+    with pipe.lora_start(1.0):
+        assert np.array_equal(generate(pipe), base)
+    with pipe.lora_start(0.5):  # two steps: the base model draws the first, the LoRA the second
+        halfway = generate(pipe)
+    assert not np.array_equal(halfway, base) and not np.array_equal(halfway, with_lora)
+    assert lora_disabled_flags(pipe) == {False}  # the LoRA is on again after the block
+    pipe.disable_lora()
+    with pipe.lora_start(0.5):
+        pass
+    assert lora_disabled_flags(pipe) == {True}  # and stays off when it was off
+    pipe.enable_lora()
+    with pytest.raises(ValueError, match="lora_start must be between 0"):
+        with pipe.lora_start(1.5):
+            pass
+
+
 def test_pipeline_class_dispatches_direct_construction_and_from_pipe(tiny_paths):
     sd = StableDiffusionPipeline.from_pretrained(tiny_paths["sd"])
     sdxl = StableDiffusionXLPipeline.from_pretrained(tiny_paths["sdxl"])
@@ -345,6 +370,16 @@ def test_cli_generate_and_activations_write_images(tiny_paths, lora_dirs, tmp_pa
     with PIL.Image.open(plot) as image:
         assert image.format == "PNG"
     assert "vase" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--lora_start", "1.5", "--lora", "some-lora"], "--lora_start 1.5 must be between 0"),
+    (["--lora_start", "0.1"], "--lora_start says when the LoRA takes over: give --lora too"),
+])
+def test_cli_generate_refuses_a_bad_lora_start(flags, named, capsys):
+    with pytest.raises(SystemExit):
+        pipeline_comat.parse_args(["generate", "--base_model", "some-model", "--prompt", PROMPT, *flags])
+    assert named in capsys.readouterr().err
 
 
 def test_cli_push_takes_the_token_from_hf_token_and_hides_it(hub, tmp_path, lora_dirs):

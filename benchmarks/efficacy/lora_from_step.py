@@ -14,7 +14,6 @@ The LoRA is switched by the timestep of each UNet call, so every image of every 
 """
 
 import argparse
-import contextlib
 import json
 import os
 
@@ -22,28 +21,10 @@ import numpy as np
 
 from benchmarks.efficacy import world
 from benchmarks.efficacy.experiment import GUIDANCE_SCALE, WorldJudgeScorer, fidelity
+from pipeline_comat import lora_at_or_below_timestep
 from utils import evaluation
 
 REPORTED = ("full_prompt_accuracy", "full_prompt_accuracy_on_palette", "parsed", "background_cleanliness", "off_palette_distance")
-
-
-@contextlib.contextmanager
-def lora_from_timestep(unet, first_lora_timestep):
-    """Inside the block the UNet's adapters are on exactly for calls at timesteps ≤ ``first_lora_timestep``."""
-
-    def switch(module, args, kwargs):
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        if float(timestep) <= first_lora_timestep:
-            module.enable_adapters()
-        else:
-            module.disable_adapters()
-
-    handle = unet.register_forward_pre_hook(switch, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-        unet.enable_adapters()
 
 
 def from_steps(world_dir, lora, steps, split="balanced", seeds=8, num_inference_steps=20, quick=False):
@@ -60,7 +41,7 @@ def from_steps(world_dir, lora, steps, split="balanced", seeds=8, num_inference_
     base = f"from step {num_inference_steps}"
     for k in sorted(set(steps) | {num_inference_steps}, reverse=True):
         first_lora_timestep = timesteps[k] if k < num_inference_steps else -1
-        with lora_from_timestep(pipeline.unet, first_lora_timestep):
+        with lora_at_or_below_timestep(pipeline.unet, first_lora_timestep):
             generations[f"from step {k}"] = evaluation.generate(
                 pipeline, {f"from step {k}": None}, prompts, seed_list, show_progress=False,
                 num_inference_steps=num_inference_steps, guidance_scale=GUIDANCE_SCALE,
