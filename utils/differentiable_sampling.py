@@ -95,9 +95,9 @@ def sample_with_gradient(
     """Run T denoising steps and return the final clean latent x̂0, differentiable w.r.t. the K gradient steps.
 
     With ``reference_denoise`` it returns ``(x̂0, reference_gap)`` instead: ``reference_gap`` is the mean over the
-    gradient steps at timesteps ≥ ``reference_min_timestep`` (zero when there is none) of the mean squared difference between the guided noise predictions of ``denoise`` and of
-    ``reference_denoise`` (run without gradient on the same input), fp32, differentiable w.r.t. the parameters of
-    ``denoise`` only.
+    gradient steps at timesteps ≥ ``reference_min_timestep`` (zero when there is none) of the mean squared difference
+    between the guided noise predictions of ``denoise`` and of ``reference_denoise`` (run without gradient on the same
+    input), fp32, differentiable w.r.t. the parameters of ``denoise`` only.
 
     Args:
         denoise: ``denoise(latent_model_input, t) -> noise_pred`` for the classifier-free-guidance
