@@ -380,9 +380,9 @@ class CoMatIteration:
             return self.unet(latent_model_input.to(self.unet.dtype), t, **unet_kwargs).sample.float()
 
     def base_noise(self, latent_model_input, t, unet_kwargs):
-        """The frozen base model's UNet call (generator LoRA off), for the KL penalty; timed as a no-grad sampling call."""
-        with self.timer.phase("sampling_no_grad"), lora_disabled(self.unet):
-            return self.unet(latent_model_input.to(self.unet.dtype), t, **unet_kwargs).sample.float()
+        """The frozen base model's UNet call (generator LoRA off), for the KL penalty."""
+        with lora_disabled(self.unet):
+            return self.predict_noise(latent_model_input, t, unet_kwargs)
 
     def sample(self, unet_kwargs, latents, num_inference_steps, gradient_steps, attention_steps, generator, with_kl=False):
         """Online sampling from ``latents`` (unit noise) to the clean latents, differentiable at ``gradient_steps``;
