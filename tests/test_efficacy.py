@@ -266,6 +266,40 @@ def test_in_place_scene_oracle_asks_for_the_scene_and_nothing_about_where():
     assert in_place.loss((blank - 0.05 * blank.grad / blank.grad.abs().max()).detach(), [prompt]) < loss
 
 
+def test_binding_path_finds_no_ridge_in_the_exact_reward_and_the_ridge_of_a_reward_that_likes_the_swap_too():
+    from benchmarks.efficacy import binding_path
+
+    prompt = "a red square and a blue circle"
+    scene = binding_path.scenes(prompt, [(8.0, 12.0, 5.5), (24.0, 20.0, 5.5)])
+    as_array = lambda pixels: (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
+    assert world.judge(as_array(scene["truth"]), prompt)["full_prompt"]
+    assert world.judge(as_array(scene["swap"]), world.swapped_prompt(prompt))["full_prompt"]
+    halfway = world.judge(as_array(scene["first_done"]), prompt)["objects"]
+    assert [o["color_correct"] for o in halfway] == [True, False]  # both objects red
+    points = binding_path.path_points(scene)
+    assert all(torch.equal(path[0], scene["swap"]) and torch.equal(path[-1], scene["truth"]) for path in points.values())
+    assert torch.equal(points["first object first"][binding_path.POINTS_PER_LEG - 1], scene["first_done"])
+
+    exact = binding_path.landscape(world.SceneOracle(in_place=True), [prompt], layouts=2)
+    assert all(entry["ridge_share"] == 0 for entry in exact.values())
+    assert exact["both at once"]["cosine_at_swap"] > 0.99 and exact["first object first"]["cosine_at_swap"] > 0.5
+
+    class LikesTheSwapToo:
+        """Lowest at the truth, almost as low at the swap, higher between: a ridge no gradient at the swap crosses."""
+
+        def loss(self, images, prompts, reduction="sum"):
+            scene = binding_path.scenes(prompts[0], layout)
+            return torch.minimum(((images - scene["truth"]) ** 2).sum(), ((images - scene["swap"]) ** 2).sum() + 0.1)
+
+    layout = binding_path._random_layout(np.random.default_rng(0))  # the layout landscape() draws first with seed 0
+    ridged = binding_path.landscape(LikesTheSwapToo(), [prompt], layouts=1)
+    assert all(entry["ridge_share"] == 1 for entry in ridged.values())
+    swap, truth = binding_path.scenes(prompt, layout)["swap"], binding_path.scenes(prompt, layout)["truth"]
+    squared_distance = ((truth - swap) ** 2).sum().item()  # the straight path peaks half-way, at a quarter of it
+    assert ridged["both at once"]["ridge_height"] == pytest.approx(squared_distance / 4 - 0.1, rel=1e-4)
+    assert abs(ridged["both at once"]["cosine_at_swap"]) < 1e-6
+
+
 def test_palette_prior_makes_a_blend_cost_more_than_the_swap_it_replaces():
     prompt = "a red square and a yellow circle"
     image = torch.tensor(world.render(world.objects_of(prompt), np.random.default_rng(0)), dtype=torch.float32).permute(2, 0, 1) / 255
@@ -335,6 +369,15 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert [point["step"] for point in probed["towards"]["prompt"]] == [0, 1, 2]
     assert set(probed["towards"]) == {"prompt", "swapped"} and 0 <= probed["base"]["prompt_accuracy"] <= 1
     assert sum(entry["samples"] for entry in probed["towards_prompt_by_color_pair"].values()) == probed["images"]
+
+    from benchmarks.efficacy import binding_path
+
+    landscapes = binding_path.binding_paths([robust], layouts=1, prompts=distinct_colours[:2])
+    assert list(landscapes["rewards"]) == [binding_path.EXACT_REWARD, robust] and landscapes["prompts"] == 2
+    for paths in landscapes["rewards"].values():
+        assert list(paths) == list(binding_path.PATHS)
+        assert all(len(entry["mean_loss"]) == 2 * binding_path.POINTS_PER_LEG - 1 and -1 <= entry["cosine_at_swap"] <= 1
+                   and 0 <= entry["ridge_share"] <= 1 for entry in paths.values())
 
     from benchmarks.efficacy import harden_captioner
 
@@ -484,6 +527,8 @@ def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
     ("harden_captioner", ["--world_dir", "{world}", "--generator_loras", "{tmp}"], "--generator_loras"),
     ("judge_agreement", ["--captioners", "{tmp}/missing"], "--captioners"),
     ("judge_agreement", ["--captioners", "{world}/blip", "--loras", "{tmp}"], "--loras"),
+    ("binding_path", ["--captioners", "{tmp}/missing"], "--captioners"),
+    ("binding_path", ["--world_dir", "{world}", "--layouts", "0"], "--layouts"),
 ])
 def test_captioner_tools_name_a_missing_model_before_loading_anything(module, flags, named, tmp_path, capsys):
     import importlib

@@ -1,0 +1,149 @@
+"""Can a gradient carry a swapped image to the right binding? The reward's landscape between a swap and the truth.
+
+CoMat moves each sample along the gradient of its reward. Between an image that draws the prompt's colours on the
+wrong objects ("a blue circle and a red square" for "a red circle and a blue square") and the true scene, a reward that
+teaches binding by gradient must fall all the way. For each fine-tune prompt of a split whose two objects differ in
+colour, on ``--layouts`` random layouts, this renders the swap and the true scene with the same layout and scores the
+prompt along three paths between them:
+
+- ``both at once``: the straight line in pixel space (both objects' colours blended from the swap's to the truth's);
+- ``first object first``: the first object recoloured, then the second (halfway, both objects share one colour);
+- ``second object first``: the other order.
+
+Per reward and path it reports the mean loss along the path, the share of paths whose loss rises above the swap's
+before it reaches the truth (a ridge a gradient step does not cross) and the ridge's mean height; and at the swap the
+cosine of the descent direction (minus the gradient) with each path's first leg. The exact reward drawn in place
+(``world.SceneOracle(in_place=True)``, the reward the target is met with) is always scored beside the captioners, as
+the reference. Renders only (no VAE): what the reward says, not what a generator can draw. 1 minute per captioner.
+
+    OMP_NUM_THREADS=2 python -m benchmarks.efficacy.binding_path --world_dir world \\
+        --captioners world/blip,world/blip-adversarial-32,world/blip-hardened --output efficacy-results/binding_path.json
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from benchmarks.efficacy import world
+from utils.concept_matching import CaptionScorer
+
+EXACT_REWARD = "exact reward (in place)"
+PATHS = ("both at once", "first object first", "second object first")
+POINTS_PER_LEG = 6  # 0, 0.2, ..., 1 along each straight leg
+
+
+def _random_layout(rng):
+    layout = []
+    for index in range(2):
+        radius = rng.uniform(world.MIN_RADIUS, world.MAX_RADIUS)
+        x_range, y_range = world._center_ranges(index, 2, radius)
+        layout.append((rng.uniform(*x_range), rng.uniform(*y_range), radius))
+    return layout
+
+
+def _pixels(objects, layout):
+    return torch.from_numpy(world.draw(objects, layout)).permute(2, 0, 1).float()[None] / 255
+
+
+def scenes(prompt, layout):
+    """The swap, the two half-way scenes (one object recoloured) and the truth of ``prompt``, drawn with ``layout``."""
+    first, second = world.objects_of(prompt)
+    swapped_first, swapped_second = world.WorldObject(second.color, first.shape), world.WorldObject(first.color, second.shape)
+    return dict(swap=_pixels([swapped_first, swapped_second], layout), first_done=_pixels([first, swapped_second], layout),
+                second_done=_pixels([swapped_first, second], layout), truth=_pixels([first, second], layout))
+
+
+def path_points(scene):
+    """Each path of ``PATHS`` as a list of images from the swap to the truth (straight legs, POINTS_PER_LEG each)."""
+    fractions = np.linspace(0, 1, POINTS_PER_LEG)
+
+    def leg(start, end, skip_first=False):
+        return [(1 - a) * start + a * end for a in fractions[int(skip_first):]]
+
+    straight = np.linspace(0, 1, 2 * POINTS_PER_LEG - 1)
+    return {
+        "both at once": [(1 - a) * scene["swap"] + a * scene["truth"] for a in straight],
+        "first object first": leg(scene["swap"], scene["first_done"]) + leg(scene["first_done"], scene["truth"], True),
+        "second object first": leg(scene["swap"], scene["second_done"]) + leg(scene["second_done"], scene["truth"], True),
+    }
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def landscape(scorer, prompts, layouts=4, seed=0):
+    """What ``scorer`` (a Concept Matching scorer: ``loss(images, prompts, reduction)``) says between each prompt's
+    swap and its truth: the loss along each path, ridges, and the descent direction at the swap."""
+    rng = np.random.default_rng(seed)
+    losses = {name: [] for name in PATHS}
+    cosines = {name: [] for name in PATHS}
+    for prompt in prompts:
+        for _ in range(layouts):
+            scene = scenes(prompt, _random_layout(rng))
+            with torch.no_grad():
+                for name, points in path_points(scene).items():
+                    losses[name].append([scorer.loss(x, [prompt], reduction="sum").item() for x in points])
+            swap = scene["swap"].clone().requires_grad_(True)
+            gradient, = torch.autograd.grad(scorer.loss(swap, [prompt], reduction="sum"), swap)
+            first_leg = {"both at once": scene["truth"], "first object first": scene["first_done"], "second object first": scene["second_done"]}
+            for name, towards in first_leg.items():
+                cosines[name].append(_cosine(-gradient, towards - scene["swap"]))
+    result = {}
+    for name in PATHS:
+        curves = np.array(losses[name])
+        ridge = curves[:, 1:-1].max(axis=1) - curves[:, 0]
+        result[name] = dict(mean_loss=curves.mean(axis=0).tolist(), ridge_share=float(np.mean(ridge > 0)),
+                            ridge_height=float(np.clip(ridge, 0, None).mean()), cosine_at_swap=float(np.mean(cosines[name])),
+                            cosine_at_swap_sd=float(np.std(cosines[name])))
+    return result
+
+
+def binding_paths(captioners, split="balanced", layouts=4, seed=0, prompts=None):
+    """:func:`landscape` of the exact in-place reward and of each captioner folder, on the split's fine-tune prompts
+    whose objects differ in colour (or ``prompts``)."""
+    if prompts is None:
+        prompts = [p for p in world.SPLITS[split][0] if world.swapped_prompt(p) != p]
+    rewards = {EXACT_REWARD: world.SceneOracle(in_place=True)}
+    rewards.update({captioner: CaptionScorer.from_pretrained(captioner) for captioner in captioners})
+    return dict(split=split, prompts=len(prompts), layouts=layouts, seed=seed,
+                rewards={name: landscape(scorer, prompts, layouts, seed) for name, scorer in rewards.items()})
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world_dir", default="world", help="The built world (benchmarks.efficacy.pretrain). Default: world.")
+    parser.add_argument("--captioners", default=None, help="Comma-separated captioner folders. Default: WORLD_DIR/blip.")
+    parser.add_argument("--split", default="balanced", choices=sorted(world.SPLITS), help="Whose fine-tune prompts. Default: balanced.")
+    parser.add_argument("--layouts", type=int, default=4, help="Random layouts per prompt. Default: 4.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the layouts. Default: 0.")
+    parser.add_argument("--output", default=None, help="JSON file of the results. Default: print only.")
+    args = parser.parse_args(argv)
+    args.captioners = args.captioners.split(",") if args.captioners else [os.path.join(args.world_dir, "blip")]
+    if args.layouts < 1:
+        parser.error(f"--layouts {args.layouts}: give at least 1.")
+    missing = [c for c in args.captioners if not os.path.isdir(c)]
+    if missing:
+        parser.error(f"--captioners: no captioner folder {', '.join(missing)}; build the world first (python -m benchmarks.efficacy.pretrain).")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = binding_paths(args.captioners, args.split, args.layouts, args.seed)
+    print(f"{results['prompts']} prompts × {results['layouts']} layouts, swap → truth")
+    for reward, paths in results["rewards"].items():
+        for name, entry in paths.items():
+            curve = " ".join(f"{value:.2f}" for value in entry["mean_loss"])
+            print(f"{reward} | {name}: ridge on {100 * entry['ridge_share']:.0f}% (height {entry['ridge_height']:.2f}), "
+                  f"cosine at the swap {entry['cosine_at_swap']:+.3f} ± {entry['cosine_at_swap_sd']:.3f}; loss {curve}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
