@@ -297,6 +297,11 @@ def test_binding_path_finds_no_ridge_in_the_exact_reward_and_the_ridge_of_a_rewa
     swap, truth = binding_path.scenes(prompt, layout)["swap"], binding_path.scenes(prompt, layout)["truth"]
     squared_distance = ((truth - swap) ** 2).sum().item()  # the straight path peaks half-way, at a quarter of it
     assert ridged["both at once"]["ridge_height"] == pytest.approx(squared_distance / 4 - 0.1, rel=1e-4)
+    # From a sample that draws the swap (here its render) to the truth drawn in place: the same reading.
+    samples = [(prompt, swap, truth)]
+    exact_at_sample = binding_path.at_samples(world.SceneOracle(in_place=True), samples)
+    assert exact_at_sample["ridge_share"] == 0 and exact_at_sample["cosine_at_sample"] > 0.99
+    assert binding_path.at_samples(LikesTheSwapToo(), samples)["ridge_share"] == 1 and binding_path.at_samples(LikesTheSwapToo(), []) is None
     assert abs(ridged["both at once"]["cosine_at_swap"]) < 1e-6
 
 
@@ -372,8 +377,11 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
 
     from benchmarks.efficacy import binding_path
 
-    landscapes = binding_path.binding_paths([robust], layouts=1, prompts=distinct_colours[:2])
+    landscapes = binding_path.binding_paths([robust], layouts=1, prompts=distinct_colours[:2], world_dir=str(tmp_path / "world"),
+                                            sample_seeds=2, num_inference_steps=experiment.SETTINGS["quick"]["num_inference_steps"])
     assert list(landscapes["rewards"]) == [binding_path.EXACT_REWARD, robust] and landscapes["prompts"] == 2
+    assert list(landscapes["at_samples"]) == list(landscapes["rewards"]) and 0 <= landscapes["swapped_samples"] <= 4
+    assert all((entry is None) == (landscapes["swapped_samples"] == 0) for entry in landscapes["at_samples"].values())
     for paths in landscapes["rewards"].values():
         assert list(paths) == list(binding_path.PATHS)
         assert all(len(entry["mean_loss"]) == 2 * binding_path.POINTS_PER_LEG - 1 and -1 <= entry["cosine_at_swap"] <= 1
@@ -529,6 +537,7 @@ def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
     ("judge_agreement", ["--captioners", "{world}/blip", "--loras", "{tmp}"], "--loras"),
     ("binding_path", ["--captioners", "{tmp}/missing"], "--captioners"),
     ("binding_path", ["--world_dir", "{world}", "--layouts", "0"], "--layouts"),
+    ("binding_path", ["--world_dir", "{tmp}", "--captioners", "{world}/blip"], "--world_dir"),
 ])
 def test_captioner_tools_name_a_missing_model_before_loading_anything(module, flags, named, tmp_path, capsys):
     import importlib

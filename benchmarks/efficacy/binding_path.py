@@ -14,7 +14,8 @@ Per reward and path it reports the mean loss along the path, the share of paths 
 before it reaches the truth (a ridge a gradient step does not cross) and the ridge's mean height; and at the swap the
 cosine of the descent direction (minus the gradient) with each path's first leg. The exact reward drawn in place
 (``world.SceneOracle(in_place=True)``, the reward the target is met with) is always scored beside the captioners, as
-the reference. Renders only (no VAE): what the reward says, not what a generator can draw. 1 minute per captioner.
+the reference. On renders (no VAE), and with ``--sample_seeds`` also on the base model's own samples that the judge
+reads as the swap: the straight path from each to the truth drawn where it draws its objects. 1 minute per captioner.
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.binding_path --world_dir world \\
         --captioners world/blip,world/blip-adversarial-32,world/blip-hardened --output efficacy-results/binding_path.json
@@ -102,15 +103,63 @@ def landscape(scorer, prompts, layouts=4, seed=0):
     return result
 
 
-def binding_paths(captioners, split="balanced", layouts=4, seed=0, prompts=None):
+def swapped_samples(world_dir, prompts, seeds, num_inference_steps=20):
+    """The base model's samples of ``prompts`` (seeds 0 to ``seeds`` − 1, the experiment's sampler) that the judge
+    reads as the attribute swap, each with the truth drawn where the sample draws its objects: [(prompt, sample,
+    truth)], images as [1, 3, H, W] in [0, 1]."""
+    from diffusers import StableDiffusionPipeline
+
+    from benchmarks.efficacy.experiment import GUIDANCE_SCALE
+
+    pipeline = StableDiffusionPipeline.from_pretrained(os.path.join(world_dir, "sd"), safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    found = []
+    for prompt in prompts:
+        images = pipeline([prompt] * seeds, generator=[torch.Generator().manual_seed(s) for s in range(seeds)], output_type="np",
+                          num_inference_steps=num_inference_steps, guidance_scale=GUIDANCE_SCALE).images
+        for image in (images * 255).round().astype(np.uint8):
+            if world.judge(image, world.swapped_prompt(prompt))["full_prompt"]:
+                objects = world.objects_of(prompt)
+                truth = _pixels(objects, world.layout_of(image, objects))
+                found.append((prompt, torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255, truth))
+    return found
+
+
+def at_samples(scorer, samples):
+    """What ``scorer`` says on the straight path from each of ``samples`` (:func:`swapped_samples`) to its truth: the
+    share with a ridge, its mean height, and the cosine of the descent direction at the sample with the path."""
+    if not samples:
+        return None
+    ridges, cosines = [], []
+    for prompt, sample, truth in samples:
+        with torch.no_grad():
+            curve = [scorer.loss((1 - a) * sample + a * truth, [prompt], reduction="sum").item()
+                     for a in np.linspace(0, 1, 2 * POINTS_PER_LEG - 1)]
+        ridges.append(max(curve[1:-1]) - curve[0])
+        image = sample.clone().requires_grad_(True)
+        gradient, = torch.autograd.grad(scorer.loss(image, [prompt], reduction="sum"), image)
+        cosines.append(_cosine(-gradient, truth - sample))
+    ridges = np.array(ridges)
+    return dict(samples=len(samples), ridge_share=float(np.mean(ridges > 0)), ridge_height=float(np.clip(ridges, 0, None).mean()),
+                cosine_at_sample=float(np.mean(cosines)), cosine_at_sample_sd=float(np.std(cosines)))
+
+
+def binding_paths(captioners, split="balanced", layouts=4, seed=0, prompts=None, world_dir=None, sample_seeds=0,
+                  num_inference_steps=20):
     """:func:`landscape` of the exact in-place reward and of each captioner folder, on the split's fine-tune prompts
-    whose objects differ in colour (or ``prompts``)."""
+    whose objects differ in colour (or ``prompts``); with ``sample_seeds`` > 0 also :func:`at_samples` on the base
+    model's (``world_dir``) samples of them that draw the swap."""
     if prompts is None:
         prompts = [p for p in world.SPLITS[split][0] if world.swapped_prompt(p) != p]
     rewards = {EXACT_REWARD: world.SceneOracle(in_place=True)}
     rewards.update({captioner: CaptionScorer.from_pretrained(captioner) for captioner in captioners})
-    return dict(split=split, prompts=len(prompts), layouts=layouts, seed=seed,
-                rewards={name: landscape(scorer, prompts, layouts, seed) for name, scorer in rewards.items()})
+    result = dict(split=split, prompts=len(prompts), layouts=layouts, seed=seed,
+                  rewards={name: landscape(scorer, prompts, layouts, seed) for name, scorer in rewards.items()})
+    if sample_seeds:
+        samples = swapped_samples(world_dir, prompts, sample_seeds, num_inference_steps)
+        result.update(sample_seeds=sample_seeds, swapped_samples=len(samples),
+                      at_samples={name: at_samples(scorer, samples) for name, scorer in rewards.items()})
+    return result
 
 
 def parse_args(argv=None):
@@ -120,11 +169,16 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="balanced", choices=sorted(world.SPLITS), help="Whose fine-tune prompts. Default: balanced.")
     parser.add_argument("--layouts", type=int, default=4, help="Random layouts per prompt. Default: 4.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the layouts. Default: 0.")
+    parser.add_argument("--sample_seeds", type=int, default=3, help="Also the straight path from each of the base model's samples (seeds 0 to N − 1 per prompt) that the judge reads as the swap to the truth drawn where it draws its objects; 0: renders only. Default: 3.")
     parser.add_argument("--output", default=None, help="JSON file of the results. Default: print only.")
     args = parser.parse_args(argv)
     args.captioners = args.captioners.split(",") if args.captioners else [os.path.join(args.world_dir, "blip")]
     if args.layouts < 1:
         parser.error(f"--layouts {args.layouts}: give at least 1.")
+    if args.sample_seeds < 0:
+        parser.error(f"--sample_seeds {args.sample_seeds}: give 0 (renders only) or more.")
+    if args.sample_seeds and not os.path.isdir(os.path.join(args.world_dir, "sd")):
+        parser.error(f"--world_dir {args.world_dir}: no sd folder; build the world first (python -m benchmarks.efficacy.pretrain) or give --sample_seeds 0.")
     missing = [c for c in args.captioners if not os.path.isdir(c)]
     if missing:
         parser.error(f"--captioners: no captioner folder {', '.join(missing)}; build the world first (python -m benchmarks.efficacy.pretrain).")
@@ -133,13 +187,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    results = binding_paths(args.captioners, args.split, args.layouts, args.seed)
+    results = binding_paths(args.captioners, args.split, args.layouts, args.seed, world_dir=args.world_dir, sample_seeds=args.sample_seeds)
     print(f"{results['prompts']} prompts × {results['layouts']} layouts, swap → truth")
     for reward, paths in results["rewards"].items():
         for name, entry in paths.items():
             curve = " ".join(f"{value:.2f}" for value in entry["mean_loss"])
             print(f"{reward} | {name}: ridge on {100 * entry['ridge_share']:.0f}% (height {entry['ridge_height']:.2f}), "
                   f"cosine at the swap {entry['cosine_at_swap']:+.3f} ± {entry['cosine_at_swap_sd']:.3f}; loss {curve}")
+    if args.sample_seeds:
+        print(f"the base model's samples read as the swap: {results['swapped_samples']} of {results['prompts'] * args.sample_seeds}")
+        for reward, entry in results["at_samples"].items():
+            if entry:
+                print(f"{reward} | sample → truth drawn in place: ridge on {100 * entry['ridge_share']:.0f}% (height "
+                      f"{entry['ridge_height']:.2f}), cosine at the sample {entry['cosine_at_sample']:+.3f} ± {entry['cosine_at_sample_sd']:.3f}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)
