@@ -57,6 +57,8 @@ def test_sum_reduction_matches_per_sample_logprob_sum():
     labels = torch.tensor([[-100, 1, 2, -100], [-100, 3, -100, -100]])
     expected = (-(logits[0, 0].log_softmax(-1)[1] + logits[0, 1].log_softmax(-1)[2]) - logits[1, 0].log_softmax(-1)[3]) / 2
     torch.testing.assert_close(caption_nll(logits, labels, "sum"), expected)
+    per_sample = torch.stack([-(logits[0, 0].log_softmax(-1)[1] + logits[0, 1].log_softmax(-1)[2]), -logits[1, 0].log_softmax(-1)[3]])
+    torch.testing.assert_close(caption_nll(logits, labels, "none"), per_sample)
 
 
 def test_unknown_reduction_names_the_flag(scorer):

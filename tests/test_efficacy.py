@@ -266,6 +266,27 @@ def test_in_place_scene_oracle_asks_for_the_scene_and_nothing_about_where():
     assert in_place.loss((blank - 0.05 * blank.grad / blank.grad.abs().max()).detach(), [prompt]) < loss
 
 
+def test_recoloured_pairs_are_two_colourings_of_one_scene_and_render_draws_as_before():
+    rng = np.random.default_rng(3)
+    swaps = 0
+    for _ in range(40):
+        first, second, first_caption, second_caption = world.recoloured_pair(rng)
+        assert first_caption in world.TWO_OBJECT_PROMPTS and second_caption in world.TWO_OBJECT_PROMPTS
+        assert [o.shape for o in world.objects_of(first_caption)] == [o.shape for o in world.objects_of(second_caption)]
+        background = lambda image: (image == world.BACKGROUND).all(-1)  # noqa: E731
+        assert (background(first) == background(second)).all()  # the same shapes where the same layout puts them
+        assert world.judge(first, first_caption)["full_prompt"] and world.judge(second, second_caption)["full_prompt"]
+        swaps += second_caption == world.swapped_prompt(first_caption) != first_caption
+    assert 10 <= swaps <= 30
+    # render draws through random_layout with the same draws as before it: the world's data are unchanged.
+    objects = world.objects_of("a red circle and a blue square")
+    rng, again = np.random.default_rng(5), np.random.default_rng(5)
+    radius = again.uniform(world.MIN_RADIUS, world.MAX_RADIUS)
+    x_range, y_range = world._center_ranges(0, 2, radius)
+    first_object = (again.uniform(*x_range), again.uniform(*y_range), radius)
+    assert world.random_layout(2, rng)[0] == first_object
+
+
 def test_binding_path_finds_no_ridge_in_the_exact_reward_and_the_ridge_of_a_reward_that_likes_the_swap_too():
     from benchmarks.efficacy import binding_path
 
@@ -291,7 +312,7 @@ def test_binding_path_finds_no_ridge_in_the_exact_reward_and_the_ridge_of_a_rewa
             scene = binding_path.scenes(prompts[0], layout)
             return torch.minimum(((images - scene["truth"]) ** 2).sum(), ((images - scene["swap"]) ** 2).sum() + 0.1)
 
-    layout = binding_path._random_layout(np.random.default_rng(0))  # the layout landscape() draws first with seed 0
+    layout = world.random_layout(2, np.random.default_rng(0))  # the layout landscape() draws first with seed 0
     ridged = binding_path.landscape(LikesTheSwapToo(), [prompt], layouts=1)
     assert all(entry["ridge_share"] == 1 for entry in ridged.values())
     swap, truth = binding_path.scenes(prompt, layout)["swap"], binding_path.scenes(prompt, layout)["truth"]
@@ -362,6 +383,11 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     from benchmarks.efficacy.pretrain import adversarial_captioner
 
     robust, prefers_true = adversarial_captioner(str(tmp_path / "world"), 16, steps=2, batch_size=4, dataset_size=8, check_images=4)
+    from benchmarks.efficacy.pretrain import mixup_captioner
+
+    mixup, mixup_prefers_true = mixup_captioner(str(tmp_path / "world"), steps=2, batch_size=4, dataset_size=8, check_images=4)
+    assert mixup == str(tmp_path / "world" / "blip-mixup") and 0 <= mixup_prefers_true <= 1
+    assert (tmp_path / "world" / "blip-mixup" / "model.safetensors").is_file()
     from benchmarks.efficacy.pretrain import independent_captioner
 
     other, other_prefers_true = independent_captioner(str(tmp_path / "world"), 100, recipe="quick")

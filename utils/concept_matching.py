@@ -128,6 +128,7 @@ def caption_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "me
 
     ``mean``: label-smoothed (0.1) cross-entropy averaged over all target tokens of the batch (the recipe).
     ``sum``: −Σ log p per sample, averaged over the batch (the paper's formula).
+    ``none``: −Σ log p of each sample, ``[B]``.
     """
     shifted_logits = logits[:, :-1].float()
     targets = labels[:, 1:]
@@ -139,4 +140,5 @@ def caption_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "me
             label_smoothing=LABEL_SMOOTHING,
         )
     token_nll = F.cross_entropy(shifted_logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return token_nll.sum(dim=1).mean()
+    per_sample = token_nll.sum(dim=1)
+    return per_sample if reduction == "none" else per_sample.mean()

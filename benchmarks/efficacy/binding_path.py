@@ -36,15 +36,6 @@ PATHS = ("both at once", "first object first", "second object first")
 POINTS_PER_LEG = 6  # 0, 0.2, ..., 1 along each straight leg
 
 
-def _random_layout(rng):
-    layout = []
-    for index in range(2):
-        radius = rng.uniform(world.MIN_RADIUS, world.MAX_RADIUS)
-        x_range, y_range = world._center_ranges(index, 2, radius)
-        layout.append((rng.uniform(*x_range), rng.uniform(*y_range), radius))
-    return layout
-
-
 def _pixels(objects, layout):
     return torch.from_numpy(world.draw(objects, layout)).permute(2, 0, 1).float()[None] / 255
 
@@ -84,7 +75,7 @@ def landscape(scorer, prompts, layouts=4, seed=0):
     cosines = {name: [] for name in PATHS}
     for prompt in prompts:
         for _ in range(layouts):
-            scene = scenes(prompt, _random_layout(rng))
+            scene = scenes(prompt, world.random_layout(2, rng))
             with torch.no_grad():
                 for name, points in path_points(scene).items():
                     losses[name].append([scorer.loss(x, [prompt], reduction="sum").item() for x in points])

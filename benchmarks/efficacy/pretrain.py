@@ -11,8 +11,9 @@
   on clean renders only reads the world perfectly but its gradient barely says how to bind (see
   ``reward_probe.py``); CoMat follows that gradient.
 
-``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``), and
-``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``).
+``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``),
+``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``), and
+``--mixup_captioner`` one fine-tuned with mixup between two colourings of a scene (``WORLD/blip-mixup``).
 
 Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
 recipe retrains the captioner only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
@@ -288,6 +289,59 @@ def adversarial_captioner(world_dir, epsilon, steps, batch_size=64, dataset_size
     return output, swap_preference(model, processor, num_images=check_images)
 
 
+def mixup_captioner(world_dir, steps, batch_size=32, dataset_size=8000, check_images=200, seed=11):
+    """Fine-tunes the world's captioner with mixup between bindings and saves it to ``WORLD/blip-mixup``.
+
+    Each step trains on a batch of the captioner's data and on as many blends λ·A + (1 − λ)·B of two colourings of one
+    scene (same shapes, same layout; :func:`world.recoloured_pair`), scored λ·NLL(caption A) + (1 − λ)·NLL(caption B)
+    (mixup, Zhang et al. 2018, here between bindings), both augmented as the world's captioner is trained. The world's
+    captioner reads a blend, or both objects in one colour, as neither caption: between a swapped binding and the right
+    one its loss rises before it falls, and CoMat's gradient does not cross that ridge (``binding_path``). Mixup asks
+    its loss to fall along the way. Returns the folder and the share of fresh two-object images whose true caption it
+    prefers to the attribute-swapped one."""
+    from diffusers import AutoencoderKL
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    torch.manual_seed(0)  # BLIP's dropout
+    generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    captioner_dir = os.path.join(world_dir, "blip")
+    model = BlipForConditionalGeneration.from_pretrained(captioner_dir)
+    processor = BlipProcessor.from_pretrained(captioner_dir)
+    size = processor.image_processor.size
+    scorer = CaptionScorer(model, processor.tokenizer, (size["height"], size["width"]), processor.image_processor.image_mean,
+                           processor.image_processor.image_std, prefix=CAPTION_PREFIX)
+    vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
+    images, prompts = dataset(world.captioner_sample, dataset_size, seed)
+    reconstructions = reconstruct(vae, images)
+
+    def caption_losses(pixels, captions):
+        input_ids, attention_mask, labels = scorer.tokenize(captions)
+        logits = model(pixel_values=scorer.preprocess(pixels), input_ids=input_ids, attention_mask=attention_mask).logits
+        return caption_nll(logits, labels, "none")
+
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-2)
+    for step in range(steps):
+        index = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
+        plain = caption_losses(augment(images[index], reconstructions[index], generator), [prompts[i] for i in index]).mean()
+        first, second, first_captions, second_captions = zip(*(world.recoloured_pair(rng) for _ in range(batch_size)))
+        weights = torch.rand(batch_size, generator=generator)
+        blends = weights[:, None, None, None] * images_to_tensor(first) + (1 - weights[:, None, None, None]) * images_to_tensor(second)
+        blends = augment(blends, reconstruct(vae, blends), generator)
+        losses = caption_losses(torch.cat([blends, blends]), list(first_captions) + list(second_captions))
+        mixed = (weights * losses[:batch_size] + (1 - weights) * losses[batch_size:]).mean()
+        optimizer.zero_grad()
+        (plain + mixed).backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            logger.info(f"Mixup captioner step {step}: loss {plain.item():.4f}, on blends {mixed.item():.4f}")
+    model.eval().requires_grad_(False)
+    output = os.path.join(world_dir, "blip-mixup")
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    return output, swap_preference(model, processor, num_images=check_images)
+
+
 def train_world_captioner(world_dir, settings, seed):
     """The world's captioner recipe: ``settings["dataset_size"]`` captioner scenes and their reconstructions by the
     world's VAE, drawn with ``seed + 1``, trained for ``settings["captioner_steps"]``. Returns (model, processor)."""
@@ -413,6 +467,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the initialisation.")
     parser.add_argument("--adversarial_captioner", type=float, default=None, help="Also fine-tune the captioner adversarially with this L-inf radius (in 1/255) into WORLD_DIR/blip-adversarial-EPS (default: no).")
     parser.add_argument("--adversarial_steps", type=int, default=600, help="Steps of that fine-tune (default: 600).")
+    parser.add_argument("--mixup_captioner", action="store_true", help="Also fine-tune the captioner with mixup between two colourings of one scene into WORLD_DIR/blip-mixup: its loss falls between a swapped binding and the right one (default: no).")
+    parser.add_argument("--mixup_steps", type=int, default=600, help="Steps of that fine-tune (default: 600).")
     parser.add_argument("--captioner_seed", type=int, default=None, help="Also train another captioner with this seed (data and initialisation) into WORLD_DIR/blip-seedN: does a hack of one captioner fool another? (default: no).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
@@ -420,6 +476,10 @@ def main(argv=None):
     print(json.dumps(build_world(args.world_dir, "quick" if args.quick else "full", args.seed), indent=2))
     if args.adversarial_captioner is not None:
         output, prefers_true = adversarial_captioner(args.world_dir, args.adversarial_captioner, args.adversarial_steps)
+        print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of 200 fresh two-object images")
+    if args.mixup_captioner:
+        with build_threads(BUILD_THREADS):
+            output, prefers_true = mixup_captioner(args.world_dir, args.mixup_steps)
         print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of 200 fresh two-object images")
     if args.captioner_seed is not None:
         output, prefers_true = independent_captioner(args.world_dir, args.captioner_seed, "quick" if args.quick else "full")

@@ -145,14 +145,19 @@ def draw(objects, layout):
     return image
 
 
+def random_layout(count, rng):
+    """Where the world draws ``count`` objects: a random ``(cx, cy, radius)`` each, as :func:`render` draws them."""
+    layout = []
+    for index in range(count):
+        radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
+        x_range, y_range = _center_ranges(index, count, radius)
+        layout.append((rng.uniform(*x_range), rng.uniform(*y_range), radius))
+    return layout
+
+
 def render(objects, rng):
     """An ``[H, W, 3]`` uint8 image of ``objects`` (one anywhere; two: left half, right half)."""
-    layout = []
-    for index in range(len(objects)):
-        radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
-        x_range, y_range = _center_ranges(index, len(objects), radius)
-        layout.append((rng.uniform(*x_range), rng.uniform(*y_range), radius))
-    return draw(objects, layout)
+    return draw(objects, random_layout(len(objects), rng))
 
 
 def _scene(rng, single_object_share, two_object_prompts):
@@ -172,6 +177,19 @@ def pretraining_sample(rng):
 def captioner_sample(rng):
     """(image, prompt) of the captioner's data: any scene of the world, held-out pairs included."""
     return _scene(rng, 1 / 4, TWO_OBJECT_PROMPTS)
+
+
+def recoloured_pair(rng):
+    """Two colourings of one two-object scene, drawn with one layout: (image A, image B, caption A, caption B). B is
+    A's attribute swap half the time (when A's two colours differ), else A's shapes in random colours."""
+    first, second = objects_of(TWO_OBJECT_PROMPTS[rng.integers(len(TWO_OBJECT_PROMPTS))])
+    if rng.random() < 0.5 and first.color != second.color:
+        other = [WorldObject(second.color, first.shape), WorldObject(first.color, second.shape)]
+    else:
+        colors = list(COLORS)
+        other = [WorldObject(colors[rng.integers(len(colors))], obj.shape) for obj in (first, second)]
+    layout = random_layout(2, rng)
+    return draw([first, second], layout), draw(other, layout), prompt_of([first, second]), prompt_of(other)
 
 
 def swapped_prompt(prompt):
