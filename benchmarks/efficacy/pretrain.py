@@ -240,6 +240,19 @@ def train_captioner(images, reconstructions, prompts, steps, batch_size, generat
     return model.eval().requires_grad_(False), processor
 
 
+def load_world_captioner(world_dir):
+    """The world's captioner (``WORLD/blip``) to fine-tune: (model, processor, its ``CaptionScorer``)."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    captioner_dir = os.path.join(world_dir, "blip")
+    model = BlipForConditionalGeneration.from_pretrained(captioner_dir)
+    processor = BlipProcessor.from_pretrained(captioner_dir)
+    size = processor.image_processor.size
+    scorer = CaptionScorer(model, processor.tokenizer, (size["height"], size["width"]), processor.image_processor.image_mean,
+                           processor.image_processor.image_std, prefix=CAPTION_PREFIX)
+    return model, processor, scorer
+
+
 def adversarial_captioner(world_dir, epsilon, steps, batch_size=64, dataset_size=8000, check_images=200, seed=7):
     """Fine-tunes the world's captioner on adversarial images and saves it to ``WORLD/blip-adversarial-EPS``.
 
@@ -249,14 +262,8 @@ def adversarial_captioner(world_dir, epsilon, steps, batch_size=64, dataset_size
     caption reward needs (README, the reward probe). Returns the folder and the share of fresh two-object images
     whose true caption it prefers to the attribute-swapped one."""
     from diffusers import AutoencoderKL
-    from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    captioner_dir = os.path.join(world_dir, "blip")
-    model = BlipForConditionalGeneration.from_pretrained(captioner_dir)
-    processor = BlipProcessor.from_pretrained(captioner_dir)
-    size = processor.image_processor.size
-    scorer = CaptionScorer(model, processor.tokenizer, (size["height"], size["width"]), processor.image_processor.image_mean,
-                           processor.image_processor.image_std, prefix=CAPTION_PREFIX)
+    model, processor, scorer = load_world_captioner(world_dir)
     generator = torch.Generator().manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
     images, prompts = dataset(world.captioner_sample, dataset_size, seed)
@@ -300,16 +307,10 @@ def mixup_captioner(world_dir, steps, batch_size=32, dataset_size=8000, check_im
     its loss to fall along the way. Returns the folder and the share of fresh two-object images whose true caption it
     prefers to the attribute-swapped one."""
     from diffusers import AutoencoderKL
-    from transformers import BlipForConditionalGeneration, BlipProcessor
 
     torch.manual_seed(0)  # BLIP's dropout
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-    captioner_dir = os.path.join(world_dir, "blip")
-    model = BlipForConditionalGeneration.from_pretrained(captioner_dir)
-    processor = BlipProcessor.from_pretrained(captioner_dir)
-    size = processor.image_processor.size
-    scorer = CaptionScorer(model, processor.tokenizer, (size["height"], size["width"]), processor.image_processor.image_mean,
-                           processor.image_processor.image_std, prefix=CAPTION_PREFIX)
+    model, processor, scorer = load_world_captioner(world_dir)
     vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval()
     images, prompts = dataset(world.captioner_sample, dataset_size, seed)
     reconstructions = reconstruct(vae, images)
