@@ -76,14 +76,14 @@ def landscape(scorer, prompts, layouts=4, seed=0):
     for prompt in prompts:
         for _ in range(layouts):
             scene = scenes(prompt, world.random_layout(2, rng))
+            paths = path_points(scene)
             with torch.no_grad():
-                for name, points in path_points(scene).items():
+                for name, points in paths.items():
                     losses[name].append([scorer.loss(x, [prompt], reduction="sum").item() for x in points])
             swap = scene["swap"].clone().requires_grad_(True)
             gradient, = torch.autograd.grad(scorer.loss(swap, [prompt], reduction="sum"), swap)
-            first_leg = {"both at once": scene["truth"], "first object first": scene["first_done"], "second object first": scene["second_done"]}
-            for name, towards in first_leg.items():
-                cosines[name].append(_cosine(-gradient, towards - scene["swap"]))
+            for name, points in paths.items():  # the first leg's direction: its first step from the swap
+                cosines[name].append(_cosine(-gradient, points[1] - points[0]))
     result = {}
     for name in PATHS:
         curves = np.array(losses[name])
