@@ -358,10 +358,13 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
 
     output_dir = tmp_path / "results"
     results = experiment.run(experiment.parse_args(
-        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(output_dir), "--quick", "--threads", "1", "--split", "balanced"]
+        ["--world_dir", str(tmp_path / "world"), "--output_dir", str(output_dir), "--quick", "--threads", "1"]
     ))
-    finetune_prompts, evaluation_prompts = world.SPLITS["balanced"]
-    assert results["evaluation_prompts"] == evaluation_prompts[:2] and results["split"] == "balanced"
+    finetune_prompts, evaluation_prompts = world.SPLITS["balanced"]  # the main preset's split and captioner
+    assert results["evaluation_prompts"] == evaluation_prompts[:2] and results["split"] == "balanced" and results["preset"] == "main"
+    assert results["captioner"] == str(tmp_path / "world" / "blip-mixup")
+    assert (tmp_path / "world" / "blip-mixup" / "model.safetensors").is_file()
+    assert 0 <= results["world"]["mixup_captioner"]["prefers_true_caption"] <= 1
     assert (output_dir / "finetune_prompts.txt").read_text().splitlines() == finetune_prompts
     for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
         assert set(results["summary"][name]) >= {"full_prompt_accuracy", "color_leak_rate", "background_cleanliness"}
@@ -369,6 +372,12 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
         assert (output_dir / "runs" / run / "pytorch_lora_weights.safetensors").is_file()
     log = open(output_dir / "runs" / "full_CoMat" / "efficacy_command.json").read()
     assert "benchmarks.efficacy.world:load_shape_segmenter" in log
+    # The KL penalty in every run; the latent anchor, part of Fidelity Preservation, only in the run that has it.
+    for run, anchored in (("caption_only", False), ("plus_attribute_concentration", False), ("full_CoMat", True)):
+        command = json.load(open(output_dir / "runs" / run / "efficacy_command.json"))
+        assert command[command.index("--caption_model_name_or_path") + 1] == str(tmp_path / "world" / "blip-mixup")
+        assert command[command.index("--kl_loss_weight") + 1] == "20.0"
+        assert ("--latent_moment_loss_weight" in command) == anchored
     assert json.load(open(output_dir / "results.json"))["recipe"] == "quick"
     for picture in ("samples.png", "token_activations.png"):
         assert os.path.getsize(output_dir / picture) > 1000
@@ -383,11 +392,6 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     from benchmarks.efficacy.pretrain import adversarial_captioner
 
     robust, prefers_true = adversarial_captioner(str(tmp_path / "world"), 16, steps=2, batch_size=4, dataset_size=8, check_images=4)
-    from benchmarks.efficacy.pretrain import mixup_captioner
-
-    mixup, mixup_prefers_true = mixup_captioner(str(tmp_path / "world"), steps=2, batch_size=4, dataset_size=8, check_images=4)
-    assert mixup == str(tmp_path / "world" / "blip-mixup") and 0 <= mixup_prefers_true <= 1
-    assert (tmp_path / "world" / "blip-mixup" / "model.safetensors").is_file()
     from benchmarks.efficacy.pretrain import independent_captioner
 
     other, other_prefers_true = independent_captioner(str(tmp_path / "world"), 100, recipe="quick")
@@ -546,6 +550,20 @@ def test_the_world_is_built_on_a_fixed_number_of_threads_whatever_the_callers(tm
         torch.set_num_threads(before)
 
 
+def test_a_world_part_built_with_other_settings_is_rebuilt_with_every_part_trained_from_it():
+    from benchmarks.efficacy import pretrain
+
+    wanted = pretrain.world_part_settings("quick", 0)
+    built = {part: {"settings": settings, "seconds": 1.0} for part, settings in wanted.items()}
+    assert pretrain.reusable_parts(built, wanted) == built
+    # The captioner built with other settings: the mixup captioner, fine-tuned from it, goes too though its own match.
+    other_captioner = dict(built, captioner={"settings": dict(wanted["captioner"], captioner_steps=1), "seconds": 1.0})
+    assert list(pretrain.reusable_parts(other_captioner, wanted)) == ["generator"]
+    assert list(pretrain.reusable_parts({k: v for k, v in built.items() if k != "generator"}, wanted)) == []
+    assert list(pretrain.reusable_parts({k: v for k, v in built.items() if k != "mixup_captioner"}, wanted)) == ["generator", "captioner"]
+    assert pretrain.world_part_settings("full", 0)["mixup_captioner"]["mixup_steps"] == 600
+
+
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
     from benchmarks.efficacy.pretrain import augment
 
@@ -621,6 +639,42 @@ def test_a_failed_fine_tune_exits_naming_it_and_records_nothing(tmp_path, monkey
     with pytest.raises(SystemExit, match="train_comat.py failed \\(exit 2\\) in the fine-tune 'caption only'"):
         experiment.finetune("caption only", ["--no_such_flag"], str(tmp_path / "world"), str(tmp_path / "out"), experiment.SETTINGS["quick"], 1)
     assert not (tmp_path / "out" / "runs" / "caption_only" / "efficacy_command.json").exists()
+
+
+@pytest.mark.parametrize("preset_flags, captioner, split, steps, grad_steps, learning_rate, kl, anchor", [
+    ([], "blip-mixup", "balanced", "400", "5", "0.001", "20.0", "16.0"),
+    (["--preset", "2026-11"], "blip", "hash", "300", "2", "0.0001", None, None),  # the earlier sessions' commands, unchanged
+    (["--preset", "2026-11", "--kl_loss_weight", "5", "--latent_moment_loss_weight", "1"], "blip", "hash", "300", "2", "0.0001", "5.0", "1.0"),
+])
+def test_experiment_presets_set_the_fine_tunes_captioner_split_and_settings(preset_flags, captioner, split, steps, grad_steps, learning_rate,
+                                                                             kl, anchor, tmp_path, monkeypatch):
+    import subprocess
+
+    from benchmarks.efficacy import experiment
+
+    class StopAfterFineTunes(Exception):
+        pass
+
+    def fake_train(command, **kwargs):
+        commands[command[command.index("--output_dir") + 1]] = command
+        os.makedirs(command[command.index("--output_dir") + 1])
+        return subprocess.CompletedProcess(command, 0)
+
+    commands = {}
+    monkeypatch.setattr(experiment, "build_world", lambda world_dir, recipe: {})
+    monkeypatch.setattr(experiment.subprocess, "run", fake_train)
+    monkeypatch.setattr(experiment, "lora_by_step", lambda *args: (_ for _ in ()).throw(StopAfterFineTunes()))
+    world_dir, output_dir = str(tmp_path / "world"), tmp_path / "out"
+    with pytest.raises(StopAfterFineTunes):
+        experiment.run(experiment.parse_args(["--world_dir", world_dir, "--output_dir", str(output_dir), *preset_flags]))
+    assert (output_dir / "finetune_prompts.txt").read_text().splitlines() == world.SPLITS[split][0]
+    for run, has_fidelity_preservation in (("caption_only", False), ("plus_attribute_concentration", False), ("full_CoMat", True)):
+        command = commands[str(output_dir / "runs" / run)]
+        value = {flag: command[command.index(flag) + 1] if flag in command else None for flag in (
+            "--caption_model_name_or_path", "--max_train_steps", "--num_grad_steps", "--learning_rate", "--kl_loss_weight", "--latent_moment_loss_weight")}
+        assert value == {"--caption_model_name_or_path": os.path.join(world_dir, captioner), "--max_train_steps": steps,
+                         "--num_grad_steps": grad_steps, "--learning_rate": learning_rate, "--kl_loss_weight": kl,
+                         "--latent_moment_loss_weight": anchor if has_fidelity_preservation else None}
 
 
 def _fake_results(result_dir, seed, gain, frechet_distance, off_palette_distance=15.3,

@@ -3,7 +3,7 @@
 1. Builds (or reuses) the world's pretrained models (``pretrain.py``).
 2. Fine-tunes them with the real ``train_comat.py`` — flags only, on prompts only — three times: caption loss
    only; + attribute concentration; + fidelity preservation (full CoMat). The segmenter is the world's exact one,
-   plugged in with ``--segmenter``.
+   plugged in with ``--segmenter``; the captioner, split and settings are ``--preset``'s (``SETTINGS``, ``PRESETS``).
 3. Renders the held-out evaluation prompts (never fine-tuned on, never seen by pretraining in a two-object scene)
    with the stock ``StableDiffusionPipeline``, base and each LoRA, on the same seeds; the exact judge scores
    every image (``utils.evaluation``: bootstrap 95% CIs, paired differences to the base model).
@@ -42,13 +42,22 @@ RUNS = {
     "full CoMat": [],
 }
 SETTINGS = {
-    # The best settings the probes found (README, "Does it work?"): the paper's caption loss (sum), a generator learning
-    # rate that does not hack the captioner, and a discriminator fast enough to keep up (the recipe's 2e-5 is fooled).
-    "full": dict(max_train_steps=300, train_batch_size=8, num_inference_steps=20, num_grad_steps=2, seeds=8, learning_rate=1e-4,
-                 discriminator_learning_rate=5e-4, caption_loss_reduction="sum"),
+    # The main table (README, "Does it work?", since 2026-12-01). Its captioner, the world's fine-tuned with mixup
+    # between bindings, has no ridge between a swapped binding and the right one; K = 5 gradient steps of 20 at lr 1e-3
+    # learn about twice as fast as K = 2 at 1e-4; the KL penalty (every run) and the latent anchor (with Fidelity
+    # Preservation) hold the images at the base model's; the paper's caption loss (sum); a discriminator fast enough
+    # to keep up (the recipe's 2e-5 is fooled).
+    "main": dict(max_train_steps=400, train_batch_size=8, num_inference_steps=20, num_grad_steps=5, seeds=8, learning_rate=1e-3,
+                 discriminator_learning_rate=5e-4, caption_loss_reduction="sum", kl_loss_weight=20.0, latent_moment_loss_weight=16.0),
+    # The main table until 2026-11-30, which the README's commands of the sessions before ran with (--preset 2026-11).
+    "2026-11": dict(max_train_steps=300, train_batch_size=8, num_inference_steps=20, num_grad_steps=2, seeds=8, learning_rate=1e-4,
+                    discriminator_learning_rate=5e-4, caption_loss_reduction="sum", kl_loss_weight=0.0, latent_moment_loss_weight=0.0),
+    # Every stage and loss term in minutes: the mechanics, not the gain.
     "quick": dict(max_train_steps=2, train_batch_size=2, num_inference_steps=4, num_grad_steps=2, seeds=1, learning_rate=3e-4,
-                  discriminator_learning_rate=2e-5, caption_loss_reduction="mean"),
+                  discriminator_learning_rate=2e-5, caption_loss_reduction="mean", kl_loss_weight=20.0, latent_moment_loss_weight=16.0),
 }
+# What else each preset sets: the fine-tunes' captioner (a folder of the world) and the split.
+PRESETS = {"main": dict(captioner="blip-mixup", split="balanced"), "2026-11": dict(captioner="blip", split="hash")}
 # Prompts a fine-tune may see (never an evaluation prompt): the two-object prompts with a held-out pair in the
 # split's fine-tune half, and optionally also the pretraining's two-object prompts, which the base model draws right
 # and which anchor the colours of the seen pairs.
@@ -61,8 +70,9 @@ def finetune_prompts_of(prompt_set, split):
 
 
 GUIDANCE_SCALE = 7.5
-# Fine-tune settings a run may change from the command line (the defaults are the table in the README).
-TRAINING_FLAGS = ("max_train_steps", "learning_rate", "discriminator_learning_rate", "caption_loss_reduction")
+# Fine-tune settings a run may change from the command line (the defaults are the preset's).
+TRAINING_FLAGS = ("max_train_steps", "learning_rate", "discriminator_learning_rate", "caption_loss_reduction", "kl_loss_weight",
+                  "latent_moment_loss_weight")
 
 
 def _mean_or_nan(values):
@@ -132,7 +142,11 @@ def frechet_distance(images, reference_images):
 def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=None,
              prompts=world.FINETUNE_PROMPTS):
     """One CoMat fine-tune on ``prompts`` through train_comat.py (reused when its LoRA exists for the same command
-    and prompts); ``captioner`` defaults to the world's; no ``checkpointing_steps``: no checkpoints."""
+    and prompts); ``captioner`` defaults to the world's; no ``checkpointing_steps``: no checkpoints. The latent anchor
+    is part of Fidelity Preservation: a run without it (``--no_fidelity_preservation`` in ``flags``) has none."""
+    regularizers = ["--kl_loss_weight", str(settings["kl_loss_weight"])] if settings["kl_loss_weight"] else []
+    if settings["latent_moment_loss_weight"] and "--no_fidelity_preservation" not in flags:
+        regularizers += ["--latent_moment_loss_weight", str(settings["latent_moment_loss_weight"])]
     run_dir = os.path.join(output_dir, "runs", name.replace(" ", "_").replace("+", "plus"))
     prompts_file = os.path.join(output_dir, "finetune_prompts.txt")
     command = [
@@ -148,7 +162,8 @@ def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=No
         "--discriminator_learning_rate", str(settings["discriminator_learning_rate"]),
         "--caption_loss_reduction", settings["caption_loss_reduction"],
         "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", str(checkpointing_steps or 100000), "--report_to", "tensorboard",
-        "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), "--seed", "0", "--overwrite_output_dir", *flags,
+        "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), *regularizers, "--seed", "0", "--overwrite_output_dir",
+        *flags,
     ]
     record = os.path.join(run_dir, "efficacy_command.json")
     prompts_text = "\n".join(prompts) + "\n"
@@ -282,16 +297,18 @@ def run(args):
     from diffusers import StableDiffusionPipeline
 
     recipe = "quick" if args.quick else "full"
-    settings = dict(SETTINGS[recipe])
+    settings = dict(SETTINGS["quick" if args.quick else args.preset])
     settings.update({key: getattr(args, key) for key in TRAINING_FLAGS if getattr(args, key) is not None})
+    split = args.split or PRESETS[args.preset]["split"]
+    captioner = args.captioner or os.path.join(args.world_dir, PRESETS[args.preset]["captioner"])
     start = time.perf_counter()
     world_summary = build_world(args.world_dir, recipe)
     world_seconds = time.perf_counter() - start
     runs = args.runs.split(",") if args.runs else list(RUNS)
-    finetune_prompts = finetune_prompts_of(args.finetune_prompts, args.split)
+    finetune_prompts = finetune_prompts_of(args.finetune_prompts, split)
     run_dirs = {
         name: finetune(name, RUNS[name] + shlex.split(args.train_flags), args.world_dir, args.output_dir, settings, args.threads,
-                       args.captioner, args.checkpointing_steps, prompts=finetune_prompts)
+                       captioner, args.checkpointing_steps, prompts=finetune_prompts)
         for name in runs
     }
     finetune_seconds = time.perf_counter() - start - world_seconds
@@ -306,7 +323,7 @@ def run(args):
     call = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=GUIDANCE_SCALE)
     seeds = list(range(settings["seeds"]))
     scorer = WorldJudgeScorer()
-    prompts = world.SPLITS[args.split][1][: 2 if args.quick else None]
+    prompts = world.SPLITS[split][1][: 2 if args.quick else None]
     generations = evaluation.generate(pipeline, models, prompts, seeds, **call)
     evaluation.score(generations, scorer)
     summary = evaluation.summarize(generations, baseline="base")
@@ -339,9 +356,9 @@ def run(args):
         evaluation.score(seen_generations, scorer)
         finetune_prompt_summary = evaluation.summarize(seen_generations, baseline="base")
     results = dict(
-        recipe=recipe, settings=settings, train_flags=args.train_flags, captioner=args.captioner or os.path.join(args.world_dir, "blip"),
+        recipe=recipe, preset=args.preset, settings=settings, train_flags=args.train_flags, captioner=captioner,
         finetune_prompt_summary=finetune_prompt_summary, guidance_scale=GUIDANCE_SCALE, world=world_summary,
-        evaluation_prompts=prompts, seeds=seeds, finetune_prompt_set=args.finetune_prompts, split=args.split,
+        evaluation_prompts=prompts, seeds=seeds, finetune_prompt_set=args.finetune_prompts, split=split,
         finetune_prompts=len(finetune_prompts), base_single_object_accuracy=single_accuracy, summary=summary, fidelity=fidelity_by_model,
         token_activations_prompt=failing,
         training_curves={name: training_curves(run_dir) for name, run_dir in run_dirs.items()},
@@ -360,8 +377,9 @@ def run(args):
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     print(table)
-    print(f"base single-object accuracy {100 * single_accuracy:.1f}%; captioner prefers the true caption on "
-          f"{100 * world_summary['captioner']['prefers_true_caption']:.1f}% of held-out images; {results['seconds']}")
+    print(f"base single-object accuracy {100 * single_accuracy:.1f}%; the captioners prefer the true caption on "
+          f"{100 * world_summary['captioner']['prefers_true_caption']:.1f}% (blip) and "
+          f"{100 * world_summary['mixup_captioner']['prefers_true_caption']:.1f}% (blip-mixup) of held-out images; {results['seconds']}")
     return results
 
 
@@ -370,16 +388,19 @@ def parse_args(argv=None):
     parser.add_argument("--world_dir", default="world", help="The world's models (built there when missing).")
     parser.add_argument("--output_dir", default="efficacy-results", help="Fine-tunes, images, results.")
     parser.add_argument("--quick", action="store_true", help="Minutes-long run of every stage: the mechanics, not the gain.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Steps of each fine-tune (default: 300).")
-    parser.add_argument("--learning_rate", type=float, default=None, help="Generator LoRA learning rate (default: 1e-4).")
+    parser.add_argument("--preset", choices=[name for name in SETTINGS if name != "quick"], default="main", help="Settings, captioner and split of the fine-tunes (default: main, the README's main table: the mixup captioner, the balanced split, 400 steps, K = 5, lr 1e-3, KL 20, latent anchor 16; 2026-11: the main table until 2026-11-30, which the README's earlier sessions ran with: the world's captioner, the hash split, 300 steps, K = 2, lr 1e-4, neither). The flags below change single settings of it.")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Steps of each fine-tune (default: the preset's, 400).")
+    parser.add_argument("--learning_rate", type=float, default=None, help="Generator LoRA learning rate (default: the preset's, 1e-3).")
     parser.add_argument("--discriminator_learning_rate", type=float, default=None, help="Discriminator learning rate (default: 5e-4; the SD1.5 recipe's 2e-5 is fooled here).")
     parser.add_argument("--caption_loss_reduction", choices=["mean", "sum"], default=None, help="train_comat.py's flag (default: sum, the paper's formula).")
+    parser.add_argument("--kl_loss_weight", type=float, default=None, help="train_comat.py's flag, for every fine-tune (default: the preset's, 20).")
+    parser.add_argument("--latent_moment_loss_weight", type=float, default=None, help="train_comat.py's flag, for the fine-tunes with Fidelity Preservation (default: the preset's, 16).")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="Threads of the fine-tunes.")
     parser.add_argument("--runs", default=None, help=f"Comma-separated fine-tunes to run (default: all of {', '.join(RUNS)}).")
-    parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: WORLD_DIR/blip), e.g. WORLD_DIR/blip-adversarial from pretrain.py --adversarial_captioner.")
+    parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: the preset's, WORLD_DIR/blip-mixup), e.g. WORLD_DIR/blip-adversarial-32 from pretrain.py --adversarial_captioner 32.")
     parser.add_argument("--train_flags", default="", help='More train_comat.py flags for every fine-tune, e.g. "--token_loss_weight 1 --pixel_loss_weight 0.05" (default: none; one flag alone: --train_flags=--FLAG).')
     parser.add_argument("--finetune_prompts", choices=FINETUNE_PROMPT_SETS, default="held-out-pairs", help="The fine-tunes' prompts: the split's fine-tune prompts with a held-out pair (default; 28 in the hash split), or those and the 42 two-object prompts of pretraining (with-seen-pairs).")
-    parser.add_argument("--split", choices=list(world.SPLITS), default="hash", help="Which prompts with a held-out pair are fine-tuned on and which evaluated (default: hash, 28 / 26, the split of the results before 2026-11-30; balanced: 27 / 27, each held-out pair in each position about equally often in both).")
+    parser.add_argument("--split", choices=list(world.SPLITS), default=None, help="Which prompts with a held-out pair are fine-tuned on and which evaluated (default: the preset's, balanced: 27 / 27, each held-out pair in each position about equally often in both; hash: 28 / 26, the split of the results before 2026-11-30).")
     parser.add_argument("--checkpointing_steps", type=int, default=None, help="Also evaluate each run's checkpoint every N steps (default: the final LoRA only).")
     parser.add_argument("--evaluate_finetune_prompts", action="store_true", help="Also measure accuracy on the two-object prompts the fine-tunes saw (in distribution).")
     args = parser.parse_args(argv)

@@ -10,13 +10,15 @@
   are the world VAE's reconstructions, and all are randomly blurred, colour-jittered and noised: a captioner trained
   on clean renders only reads the world perfectly but its gradient barely says how to bind (see
   ``reward_probe.py``); CoMat follows that gradient.
+* ``WORLD/blip-mixup``: that captioner fine-tuned with mixup between two colourings of a scene (``mixup_captioner``):
+  the main table's captioner. Between a swapped binding and the right one the world's captioner's loss rises before
+  it falls and CoMat does not cross that ridge (``binding_path.py``); this one's falls along the way.
 
-``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``),
-``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``), and
-``--mixup_captioner`` one fine-tuned with mixup between two colourings of a scene (``WORLD/blip-mixup``).
+``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``), and
+``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``).
 
 Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
-recipe retrains the captioner only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
+recipe retrains the captioners only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
 says, so that the same command builds the same world bit for bit on any machine of the same kind.
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.pretrain --world_dir world
@@ -43,14 +45,20 @@ COMPLETE_MARKER = "world_complete.json"
 CAPTION_PREFIX = "a photography of"
 RECIPES = {
     # steps and sizes; "quick" checks the mechanics in the test suite in seconds (its models are not useful).
-    "full": dict(vae_steps=500, vae_batch_size=32, unet_steps=2200, captioner_steps=1500, batch_size=64, dataset_size=24000, check_images=500),
-    "quick": dict(vae_steps=4, vae_batch_size=8, unet_steps=4, captioner_steps=4, batch_size=8, dataset_size=64, check_images=8),
+    "full": dict(vae_steps=500, vae_batch_size=32, unet_steps=2200, captioner_steps=1500, batch_size=64, dataset_size=24000, check_images=500,
+                 mixup_steps=600, mixup_batch_size=32, mixup_dataset_size=8000, mixup_check_images=200),
+    "quick": dict(vae_steps=4, vae_batch_size=8, unet_steps=4, captioner_steps=4, batch_size=8, dataset_size=64, check_images=8,
+                  mixup_steps=2, mixup_batch_size=4, mixup_dataset_size=8, mixup_check_images=4),
 }
 # The world is the same bit for bit only when built on the same number of threads (build_threads), whatever the machine's.
 BUILD_THREADS = 2
 CONDITION_DROPOUT = 0.1  # share of empty prompts in the generator's training, for classifier-free guidance
 GENERATOR_SETTINGS = ("vae_steps", "vae_batch_size", "unet_steps", "batch_size", "dataset_size", "check_images")
 CAPTIONER_SETTINGS = ("captioner_steps", "batch_size", "dataset_size", "check_images")
+MIXUP_SETTINGS = ("mixup_steps", "mixup_batch_size", "mixup_dataset_size", "mixup_check_images")
+# The parts of a world in build order; each is trained from the ones before it (the captioners see the VAE's
+# reconstructions; the mixup captioner starts from the world's captioner), so a part rebuilt rebuilds those after it.
+WORLD_PARTS = ("generator", "captioner", "mixup_captioner")
 # The captioner's image augmentation: half VAE reconstructions; Gaussian blur of sigma up to BLUR px on half the
 # images; brightness ± 5% and per-channel offsets ± 5%; Gaussian noise of sigma up to NOISE.
 CAPTIONER_AUGMENTATION = dict(reconstructed_share=0.5, blur=1.2, jitter=0.05, noise=0.15)
@@ -296,7 +304,7 @@ def adversarial_captioner(world_dir, epsilon, steps, batch_size=64, dataset_size
     return output, swap_preference(model, processor, num_images=check_images)
 
 
-def mixup_captioner(world_dir, steps, batch_size=32, dataset_size=8000, check_images=200, seed=11):
+def mixup_captioner(world_dir, steps, batch_size, dataset_size, check_images, seed=11):
     """Fine-tunes the world's captioner with mixup between bindings and saves it to ``WORLD/blip-mixup``.
 
     Each step trains on a batch of the captioner's data and on as many blends λ·A + (1 − λ)·B of two colourings of one
@@ -404,22 +412,41 @@ def build_threads(count):
         torch.set_num_threads(previous)
 
 
+def world_part_settings(recipe, seed):
+    """Per part of the world, the settings it is built with (what ``world_complete.json`` records)."""
+    settings = dict(RECIPES[recipe], recipe=recipe, seed=seed)
+    return {
+        "generator": {key: settings[key] for key in (*GENERATOR_SETTINGS, "recipe", "seed")},
+        "captioner": {key: settings[key] for key in (*CAPTIONER_SETTINGS, "recipe", "seed")} | {"augmentation": CAPTIONER_AUGMENTATION},
+        "mixup_captioner": {key: settings[key] for key in (*MIXUP_SETTINGS, "recipe", "seed")},
+    }
+
+
+def reusable_parts(built, wanted):
+    """The parts of a built world's summary that can be reused: in build order, each built with the wanted settings,
+    up to the first that was not (those after it are trained from it)."""
+    reusable = {}
+    for part in WORLD_PARTS:
+        if built.get(part, {}).get("settings") != wanted[part]:
+            break
+        reusable[part] = built[part]
+    return reusable
+
+
 def build_world(world_dir, recipe="full", seed=0):
-    """Train and save every model of the world into ``world_dir``; a part already built with the same settings is
-    reused. Returns the summary written to ``world_complete.json``."""
+    """Train and save every model of the world into ``world_dir``: the Stable Diffusion folder ``sd``, the captioner
+    ``blip`` and the captioner fine-tuned with mixup between bindings ``blip-mixup``. A part already built with the
+    same settings, after parts all reused, is reused. Returns the summary written to ``world_complete.json``."""
     from diffusers import StableDiffusionPipeline
 
     settings = dict(RECIPES[recipe], recipe=recipe, seed=seed)
-    wanted = {
-        "generator": {key: settings[key] for key in (*GENERATOR_SETTINGS, "recipe", "seed")},
-        "captioner": {key: settings[key] for key in (*CAPTIONER_SETTINGS, "recipe", "seed")} | {"augmentation": CAPTIONER_AUGMENTATION},
-    }
+    wanted = world_part_settings(recipe, seed)
     marker = os.path.join(world_dir, COMPLETE_MARKER)
     summary = {}
     if os.path.isfile(marker):
         with open(marker) as f:
-            summary = {part: built for part, built in json.load(f).items() if built.get("settings") == wanted.get(part)}
-    if set(summary) == set(wanted):
+            summary = reusable_parts(json.load(f), wanted)
+    if set(summary) == set(WORLD_PARTS):
         logger.info(f"World models found complete in {world_dir}")
         return summary
     os.makedirs(world_dir, exist_ok=True)
@@ -452,6 +479,13 @@ def build_world(world_dir, recipe="full", seed=0):
             summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
                                         prefers_true_caption=swap_preference(captioner, processor, num_images=checked))
             _write_summary(marker, summary)
+
+        start = time.perf_counter()
+        _, prefers_true = mixup_captioner(world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
+                                          settings["mixup_check_images"])
+        summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
+                                          prefers_true_caption=prefers_true)
+        _write_summary(marker, summary)
     logger.info(f"World built: {summary}")
     return summary
 
@@ -468,8 +502,6 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the initialisation.")
     parser.add_argument("--adversarial_captioner", type=float, default=None, help="Also fine-tune the captioner adversarially with this L-inf radius (in 1/255) into WORLD_DIR/blip-adversarial-EPS (default: no).")
     parser.add_argument("--adversarial_steps", type=int, default=600, help="Steps of that fine-tune (default: 600).")
-    parser.add_argument("--mixup_captioner", action="store_true", help="Also fine-tune the captioner with mixup between two colourings of one scene into WORLD_DIR/blip-mixup: its loss falls between a swapped binding and the right one (default: no).")
-    parser.add_argument("--mixup_steps", type=int, default=600, help="Steps of that fine-tune (default: 600).")
     parser.add_argument("--captioner_seed", type=int, default=None, help="Also train another captioner with this seed (data and initialisation) into WORLD_DIR/blip-seedN: does a hack of one captioner fool another? (default: no).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
@@ -477,10 +509,6 @@ def main(argv=None):
     print(json.dumps(build_world(args.world_dir, "quick" if args.quick else "full", args.seed), indent=2))
     if args.adversarial_captioner is not None:
         output, prefers_true = adversarial_captioner(args.world_dir, args.adversarial_captioner, args.adversarial_steps)
-        print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of 200 fresh two-object images")
-    if args.mixup_captioner:
-        with build_threads(BUILD_THREADS):
-            output, prefers_true = mixup_captioner(args.world_dir, args.mixup_steps)
         print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of 200 fresh two-object images")
     if args.captioner_seed is not None:
         output, prefers_true = independent_captioner(args.world_dir, args.captioner_seed, "quick" if args.quick else "full")

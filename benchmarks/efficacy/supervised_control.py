@@ -86,7 +86,7 @@ def run(args):
     from diffusers import StableDiffusionPipeline
 
     recipe = "quick" if args.quick else "full"
-    settings = dict(RECIPES[recipe], **{k: SETTINGS[recipe][k] for k in ("num_inference_steps", "seeds")})
+    settings = dict(RECIPES[recipe], **{k: SETTINGS["quick" if args.quick else "main"][k] for k in ("num_inference_steps", "seeds")})
     start = time.perf_counter()
     build_world(args.world_dir, recipe)
     finetune_prompts = finetune_prompts_of(args.finetune_prompts, args.split)
