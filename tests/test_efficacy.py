@@ -266,11 +266,12 @@ def test_in_place_scene_oracle_asks_for_the_scene_and_nothing_about_where():
     assert in_place.loss((blank - 0.05 * blank.grad / blank.grad.abs().max()).detach(), [prompt]) < loss
 
 
-def test_recoloured_pairs_are_two_colourings_of_one_scene_and_render_draws_as_before():
+def test_recolourings_are_two_colourings_of_one_scene_and_render_draws_as_before():
     rng = np.random.default_rng(3)
     swaps = 0
     for _ in range(40):
-        first, second, first_caption, second_caption = world.recoloured_pair(rng)
+        objects, other, layout = world.recolouring(rng)
+        first, second, first_caption, second_caption = world.draw(objects, layout), world.draw(other, layout), world.prompt_of(objects), world.prompt_of(other)
         assert first_caption in world.TWO_OBJECT_PROMPTS and second_caption in world.TWO_OBJECT_PROMPTS
         assert [o.shape for o in world.objects_of(first_caption)] == [o.shape for o in world.objects_of(second_caption)]
         background = lambda image: (image == world.BACKGROUND).all(-1)  # noqa: E731
@@ -285,6 +286,36 @@ def test_recoloured_pairs_are_two_colourings_of_one_scene_and_render_draws_as_be
     x_range, y_range = world._center_ranges(0, 2, radius)
     first_object = (again.uniform(*x_range), again.uniform(*y_range), radius)
     assert world.random_layout(2, rng)[0] == first_object
+
+
+def test_binding_blends_mix_the_whole_scene_or_each_object_and_weigh_the_captions_that_pick_each_colour():
+    from benchmarks.efficacy import pretrain
+
+    red_circle, blue_square, blue_circle, red_square = (world.WorldObject(*pair) for pair in
+                                                        [("red", "circle"), ("blue", "square"), ("blue", "circle"), ("red", "square")])
+    layout = [(8.0, 12.0, 5.5), (24.0, 20.0, 5.5)]
+    pair = ([red_circle, blue_square], [blue_circle, red_square], layout)  # a scene and its swap
+    drawn = lambda objects: pretrain.images_to_tensor([world.draw(objects, layout)])[0]  # noqa: E731
+    # Whole scene: λ·A + (1 − λ)·B, scored by A's caption with λ and B's with 1 − λ.
+    blends, captions, weights = pretrain.binding_blends([pair], torch.tensor([[0.25]]))
+    assert torch.allclose(blends[0], 0.25 * drawn(pair[0]) + 0.75 * drawn(pair[1]))
+    assert captions == [["a red circle and a blue square"], ["a blue circle and a red square"]]
+    assert torch.allclose(weights, torch.tensor([[0.25], [0.75]]))
+    # Object by object: the left object all A (λ 1), the right one all B (λ 0) is the clean scene "AB", both objects
+    # red, and only its caption counts.
+    blends, captions, weights = pretrain.binding_blends([pair], torch.tensor([[1.0, 0.0]]))
+    assert torch.equal(blends[0], drawn([red_circle, red_square]))
+    assert [kind[0] for kind in captions] == ["a red circle and a blue square", "a red circle and a red square",
+                                              "a blue circle and a blue square", "a blue circle and a red square"]
+    assert torch.equal(weights[:, 0], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    # In between, each object is its own blend: the left one's colour at λ 0.5, the right one's at λ 0.2.
+    blends, _, weights = pretrain.binding_blends([pair], torch.tensor([[0.5, 0.2]]))
+    left, right = world._shape_mask("circle", *layout[0]), world._shape_mask("square", *layout[1])
+    expected_left = 0.5 * torch.tensor(world.COLORS["red"]) / 255 + 0.5 * torch.tensor(world.COLORS["blue"]) / 255
+    expected_right = 0.2 * torch.tensor(world.COLORS["blue"]) / 255 + 0.8 * torch.tensor(world.COLORS["red"]) / 255
+    assert torch.allclose(blends[0][:, torch.from_numpy(left)].T, expected_left.expand(int(left.sum()), 3), atol=1e-6)
+    assert torch.allclose(blends[0][:, torch.from_numpy(right)].T, expected_right.expand(int(right.sum()), 3), atol=1e-6)
+    assert torch.allclose(weights[:, 0], torch.tensor([0.1, 0.4, 0.1, 0.4])) and torch.isclose(weights.sum(), torch.tensor(1.0))
 
 
 def test_binding_path_finds_no_ridge_in_the_exact_reward_and_the_ridge_of_a_reward_that_likes_the_swap_too():
@@ -362,8 +393,8 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     ))
     finetune_prompts, evaluation_prompts = world.SPLITS["balanced"]  # the main preset's split and captioner
     assert results["evaluation_prompts"] == evaluation_prompts[:2] and results["split"] == "balanced" and results["preset"] == "main"
-    assert results["captioner"] == str(tmp_path / "world" / "blip-mixup")
-    assert (tmp_path / "world" / "blip-mixup" / "model.safetensors").is_file()
+    assert results["captioner"] == str(tmp_path / "world" / "blip-mixup-per-object")
+    assert (tmp_path / "world" / "blip-mixup-per-object" / "model.safetensors").is_file()
     assert 0 <= results["world"]["mixup_captioner"]["prefers_true_caption"] <= 1
     assert (output_dir / "finetune_prompts.txt").read_text().splitlines() == finetune_prompts
     for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
@@ -375,7 +406,7 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     # The KL penalty in every run; the latent anchor, part of Fidelity Preservation, only in the run that has it.
     for run, anchored in (("caption_only", False), ("plus_attribute_concentration", False), ("full_CoMat", True)):
         command = json.load(open(output_dir / "runs" / run / "efficacy_command.json"))
-        assert command[command.index("--caption_model_name_or_path") + 1] == str(tmp_path / "world" / "blip-mixup")
+        assert command[command.index("--caption_model_name_or_path") + 1] == str(tmp_path / "world" / "blip-mixup-per-object")
         assert command[command.index("--kl_loss_weight") + 1] == "20.0"
         assert ("--latent_moment_loss_weight" in command) == anchored
     assert json.load(open(output_dir / "results.json"))["recipe"] == "quick"
@@ -398,6 +429,11 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert other == str(tmp_path / "world" / "blip-seed100") and 0 <= other_prefers_true <= 1
     assert (tmp_path / "world" / "blip-seed100" / "model.safetensors").is_file()
     assert robust == str(tmp_path / "world" / "blip-adversarial-16") and 0 <= prefers_true <= 1
+    from benchmarks.efficacy import pretrain
+
+    pretrain.main(["--quick", "--world_dir", str(tmp_path / "world"), "--mixup_captioner"])  # the whole scene mixed, beside the world's
+    whole_scene = tmp_path / "world" / "blip-mixup" / "model.safetensors"
+    assert whole_scene.is_file() and whole_scene.read_bytes() != (tmp_path / "world" / "blip-mixup-per-object" / "model.safetensors").read_bytes()
     probed = reward_probe.probe(str(tmp_path / "world"), robust, seeds=1, steps=2, every=1, prompt_set="finetune", split="balanced")
     distinct_colours = [p for p in world.SPLITS["balanced"][0] if world.swapped_prompt(p) != p]  # 18 of the hash split's 25
     assert probed["split"] == "balanced" and probed["images"] == len(distinct_colours) == 18
@@ -561,7 +597,8 @@ def test_a_world_part_built_with_other_settings_is_rebuilt_with_every_part_train
     assert list(pretrain.reusable_parts(other_captioner, wanted)) == ["generator"]
     assert list(pretrain.reusable_parts({k: v for k, v in built.items() if k != "generator"}, wanted)) == []
     assert list(pretrain.reusable_parts({k: v for k, v in built.items() if k != "mixup_captioner"}, wanted)) == ["generator", "captioner"]
-    assert pretrain.world_part_settings("full", 0)["mixup_captioner"]["mixup_steps"] == 600
+    assert pretrain.world_part_settings("full", 0)["mixup_captioner"] == dict(
+        mixup_steps=600, mixup_batch_size=32, mixup_dataset_size=8000, mixup_check_images=200, recipe="full", seed=0, per_object=True)
 
 
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
@@ -642,7 +679,7 @@ def test_a_failed_fine_tune_exits_naming_it_and_records_nothing(tmp_path, monkey
 
 
 @pytest.mark.parametrize("preset_flags, captioner, split, steps, grad_steps, learning_rate, kl, anchor", [
-    ([], "blip-mixup", "balanced", "400", "5", "0.001", "20.0", "16.0"),
+    ([], "blip-mixup-per-object", "balanced", "300", "5", "0.001", "20.0", "16.0"),
     (["--preset", "2026-11"], "blip", "hash", "300", "2", "0.0001", None, None),  # the earlier sessions' commands, unchanged
     (["--preset", "2026-11", "--kl_loss_weight", "5", "--latent_moment_loss_weight", "1"], "blip", "hash", "300", "2", "0.0001", "5.0", "1.0"),
 ])

@@ -10,12 +10,15 @@
   are the world VAE's reconstructions, and all are randomly blurred, colour-jittered and noised: a captioner trained
   on clean renders only reads the world perfectly but its gradient barely says how to bind (see
   ``reward_probe.py``); CoMat follows that gradient.
-* ``WORLD/blip-mixup``: that captioner fine-tuned with mixup between two colourings of a scene (``mixup_captioner``):
-  the main table's captioner. Between a swapped binding and the right one the world's captioner's loss rises before
-  it falls and CoMat does not cross that ridge (``binding_path.py``); this one's falls along the way.
+* ``WORLD/blip-mixup-per-object``: that captioner fine-tuned with mixup between two colourings of a scene, object by
+  object (``mixup_captioner``): the main table's captioner. Between a swapped binding and the right one the world's
+  captioner's loss rises before it falls and CoMat does not cross that ridge (``binding_path.py``); this one's falls
+  along every path.
 
-``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``), and
-``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``).
+``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``),
+``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``), and
+``--mixup_captioner`` one fine-tuned with mixup of the whole scene (``WORLD/blip-mixup``, the main table's captioner
+before the per-object one).
 
 Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
 recipe retrains the captioners only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
@@ -26,6 +29,7 @@ says, so that the same command builds the same world bit for bit on any machine 
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -304,16 +308,38 @@ def adversarial_captioner(world_dir, epsilon, steps, batch_size=64, dataset_size
     return output, swap_preference(model, processor, num_images=check_images)
 
 
-def mixup_captioner(world_dir, steps, batch_size, dataset_size, check_images, seed=11):
-    """Fine-tunes the world's captioner with mixup between bindings and saves it to ``WORLD/blip-mixup``.
+def binding_blends(recolourings, weights):
+    """Blends of :func:`world.recolouring` pairs (A, B) and the captions that score them.
+
+    ``weights`` ``[N, 1]``: the whole scene is λ·A + (1 − λ)·B, scored by captions A and B with weights λ and 1 − λ.
+    ``weights`` ``[N, 2]``: object by object, object i is λ_i·A_i + (1 − λ_i)·B_i, scored by the four captions that take
+    each object's colour from A or B (AA, AB, BA, BB) with the products of their objects' weights. Returns the blends
+    ``[N, 3, H, W]``, the captions (one list of N per caption kind) and their weights ``[kinds, N]`` (summing to 1)."""
+    per_object = weights.shape[1] == 2
+    choices = list(itertools.product((0, 1), repeat=2)) if per_object else [(0, 0), (1, 1)]
+    blends, captions, caption_weights = 0, [], []
+    for choice in choices:
+        objects = [[pair[pick][index] for index, pick in enumerate(choice)] for pair in recolourings]
+        images = images_to_tensor([world.draw(scene, layout) for scene, (_, _, layout) in zip(objects, recolourings)])
+        weight = math.prod(weights[:, k] if choice[k] == 0 else 1 - weights[:, k] for k in range(weights.shape[1]))
+        blends = blends + weight[:, None, None, None] * images
+        captions.append([world.prompt_of(scene) for scene in objects])
+        caption_weights.append(weight)
+    return blends, captions, torch.stack(caption_weights)
+
+
+def mixup_captioner(world_dir, steps, batch_size, dataset_size, check_images, seed=11, per_object=False):
+    """Fine-tunes the world's captioner with mixup between bindings and saves it to ``WORLD/blip-mixup`` (with
+    ``per_object``, ``WORLD/blip-mixup-per-object``).
 
     Each step trains on a batch of the captioner's data and on as many blends λ·A + (1 − λ)·B of two colourings of one
-    scene (same shapes, same layout; :func:`world.recoloured_pair`), scored λ·NLL(caption A) + (1 − λ)·NLL(caption B)
+    scene (same shapes, same layout; :func:`world.recolouring`), scored λ·NLL(caption A) + (1 − λ)·NLL(caption B)
     (mixup, Zhang et al. 2018, here between bindings), both augmented as the world's captioner is trained. The world's
     captioner reads a blend, or both objects in one colour, as neither caption: between a swapped binding and the right
     one its loss rises before it falls, and CoMat's gradient does not cross that ridge (``binding_path``). Mixup asks
-    its loss to fall along the way. Returns the folder and the share of fresh two-object images whose true caption it
-    prefers to the attribute-swapped one."""
+    its loss to fall along the way. A whole-scene blend leaves a ridge on the paths that recolour one object first;
+    ``per_object`` (the world's) blends each object with its own λ (:func:`binding_blends`), which removes it. Returns
+    the folder and the share of fresh two-object images whose true caption it prefers to the attribute-swapped one."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)  # BLIP's dropout
@@ -333,19 +359,18 @@ def mixup_captioner(world_dir, steps, batch_size, dataset_size, check_images, se
     for step in range(steps):
         index = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
         plain = caption_losses(augment(images[index], reconstructions[index], generator), [prompts[i] for i in index]).mean()
-        first, second, first_captions, second_captions = zip(*(world.recoloured_pair(rng) for _ in range(batch_size)))
-        weights = torch.rand(batch_size, generator=generator)
-        blends = weights[:, None, None, None] * images_to_tensor(first) + (1 - weights[:, None, None, None]) * images_to_tensor(second)
+        recolourings = [world.recolouring(rng) for _ in range(batch_size)]
+        blends, captions, caption_weights = binding_blends(recolourings, torch.rand(batch_size, 2 if per_object else 1, generator=generator))
         blends = augment(blends, reconstruct(vae, blends), generator)
-        losses = caption_losses(torch.cat([blends, blends]), list(first_captions) + list(second_captions))
-        mixed = (weights * losses[:batch_size] + (1 - weights) * losses[batch_size:]).mean()
+        losses = caption_losses(blends.repeat(len(captions), 1, 1, 1), [caption for kind in captions for caption in kind])
+        mixed = (caption_weights * losses.view(len(captions), batch_size)).sum(0).mean()
         optimizer.zero_grad()
         (plain + mixed).backward()
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
             logger.info(f"Mixup captioner step {step}: loss {plain.item():.4f}, on blends {mixed.item():.4f}")
     model.eval().requires_grad_(False)
-    output = os.path.join(world_dir, "blip-mixup")
+    output = os.path.join(world_dir, "blip-mixup-per-object" if per_object else "blip-mixup")
     model.save_pretrained(output)
     processor.save_pretrained(output)
     return output, swap_preference(model, processor, num_images=check_images)
@@ -418,7 +443,7 @@ def world_part_settings(recipe, seed):
     return {
         "generator": {key: settings[key] for key in (*GENERATOR_SETTINGS, "recipe", "seed")},
         "captioner": {key: settings[key] for key in (*CAPTIONER_SETTINGS, "recipe", "seed")} | {"augmentation": CAPTIONER_AUGMENTATION},
-        "mixup_captioner": {key: settings[key] for key in (*MIXUP_SETTINGS, "recipe", "seed")},
+        "mixup_captioner": {key: settings[key] for key in (*MIXUP_SETTINGS, "recipe", "seed")} | {"per_object": True},
     }
 
 
@@ -435,7 +460,7 @@ def reusable_parts(built, wanted):
 
 def build_world(world_dir, recipe="full", seed=0):
     """Train and save every model of the world into ``world_dir``: the Stable Diffusion folder ``sd``, the captioner
-    ``blip`` and the captioner fine-tuned with mixup between bindings ``blip-mixup``. A part already built with the
+    ``blip`` and the captioner fine-tuned with mixup between bindings ``blip-mixup-per-object``. A part already built with the
     same settings, after parts all reused, is reused. Returns the summary written to ``world_complete.json``."""
     from diffusers import StableDiffusionPipeline
 
@@ -482,7 +507,7 @@ def build_world(world_dir, recipe="full", seed=0):
 
         start = time.perf_counter()
         _, prefers_true = mixup_captioner(world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
-                                          settings["mixup_check_images"])
+                                          settings["mixup_check_images"], per_object=True)
         summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
                                           prefers_true_caption=prefers_true)
         _write_summary(marker, summary)
@@ -502,6 +527,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the initialisation.")
     parser.add_argument("--adversarial_captioner", type=float, default=None, help="Also fine-tune the captioner adversarially with this L-inf radius (in 1/255) into WORLD_DIR/blip-adversarial-EPS (default: no).")
     parser.add_argument("--adversarial_steps", type=int, default=600, help="Steps of that fine-tune (default: 600).")
+    parser.add_argument("--mixup_captioner", action="store_true", help="Also fine-tune the world's captioner with mixup of the whole scene into WORLD_DIR/blip-mixup, with the recipe's mixup settings (default: no; the world's is mixed object by object).")
     parser.add_argument("--captioner_seed", type=int, default=None, help="Also train another captioner with this seed (data and initialisation) into WORLD_DIR/blip-seedN: does a hack of one captioner fool another? (default: no).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
@@ -510,6 +536,12 @@ def main(argv=None):
     if args.adversarial_captioner is not None:
         output, prefers_true = adversarial_captioner(args.world_dir, args.adversarial_captioner, args.adversarial_steps)
         print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of 200 fresh two-object images")
+    if args.mixup_captioner:
+        settings = RECIPES["quick" if args.quick else "full"]
+        with build_threads(BUILD_THREADS):
+            output, prefers_true = mixup_captioner(args.world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
+                                                   settings["mixup_check_images"])
+        print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of {settings['mixup_check_images']} fresh two-object images")
     if args.captioner_seed is not None:
         output, prefers_true = independent_captioner(args.world_dir, args.captioner_seed, "quick" if args.quick else "full")
         print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of fresh two-object images")

@@ -179,17 +179,16 @@ def captioner_sample(rng):
     return _scene(rng, 1 / 4, TWO_OBJECT_PROMPTS)
 
 
-def recoloured_pair(rng):
-    """Two colourings of one two-object scene, drawn with one layout: (image A, image B, caption A, caption B). B is
-    A's attribute swap half the time (when A's two colours differ), else A's shapes in random colours."""
+def recolouring(rng):
+    """Two colourings of one two-object scene and its layout: (objects A, objects B, layout). B is A's attribute swap
+    half the time (when A's two colours differ), else A's shapes in random colours."""
     first, second = objects_of(TWO_OBJECT_PROMPTS[rng.integers(len(TWO_OBJECT_PROMPTS))])
     if rng.random() < 0.5 and first.color != second.color:
         other = [WorldObject(second.color, first.shape), WorldObject(first.color, second.shape)]
     else:
         colors = list(COLORS)
         other = [WorldObject(colors[rng.integers(len(colors))], obj.shape) for obj in (first, second)]
-    layout = random_layout(2, rng)
-    return draw([first, second], layout), draw(other, layout), prompt_of([first, second]), prompt_of(other)
+    return [first, second], other, random_layout(2, rng)
 
 
 def swapped_prompt(prompt):
