@@ -393,8 +393,8 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     ))
     finetune_prompts, evaluation_prompts = world.SPLITS["balanced"]  # the main preset's split and captioner
     assert results["evaluation_prompts"] == evaluation_prompts[:2] and results["split"] == "balanced" and results["preset"] == "main"
-    assert results["captioner"] == str(tmp_path / "world" / "blip-mixup-per-object")
-    assert (tmp_path / "world" / "blip-mixup-per-object" / "model.safetensors").is_file()
+    assert results["captioner"] == str(tmp_path / "world" / "blip-mixup")
+    assert (tmp_path / "world" / "blip-mixup" / "model.safetensors").is_file()
     assert 0 <= results["world"]["mixup_captioner"]["prefers_true_caption"] <= 1
     assert (output_dir / "finetune_prompts.txt").read_text().splitlines() == finetune_prompts
     for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
@@ -406,7 +406,7 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     # The KL penalty in every run; the latent anchor, part of Fidelity Preservation, only in the run that has it.
     for run, anchored in (("caption_only", False), ("plus_attribute_concentration", False), ("full_CoMat", True)):
         command = json.load(open(output_dir / "runs" / run / "efficacy_command.json"))
-        assert command[command.index("--caption_model_name_or_path") + 1] == str(tmp_path / "world" / "blip-mixup-per-object")
+        assert command[command.index("--caption_model_name_or_path") + 1] == str(tmp_path / "world" / "blip-mixup")
         assert command[command.index("--kl_loss_weight") + 1] == "20.0"
         assert ("--latent_moment_loss_weight" in command) == anchored
     assert json.load(open(output_dir / "results.json"))["recipe"] == "quick"
@@ -431,9 +431,9 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert robust == str(tmp_path / "world" / "blip-adversarial-16") and 0 <= prefers_true <= 1
     from benchmarks.efficacy import pretrain
 
-    pretrain.main(["--quick", "--world_dir", str(tmp_path / "world"), "--mixup_captioner"])  # the whole scene mixed, beside the world's
-    whole_scene = tmp_path / "world" / "blip-mixup" / "model.safetensors"
-    assert whole_scene.is_file() and whole_scene.read_bytes() != (tmp_path / "world" / "blip-mixup-per-object" / "model.safetensors").read_bytes()
+    pretrain.main(["--quick", "--world_dir", str(tmp_path / "world"), "--per_object_mixup_captioner"])  # beside the world's
+    per_object = tmp_path / "world" / "blip-mixup-per-object" / "model.safetensors"
+    assert per_object.is_file() and per_object.read_bytes() != (tmp_path / "world" / "blip-mixup" / "model.safetensors").read_bytes()
     probed = reward_probe.probe(str(tmp_path / "world"), robust, seeds=1, steps=2, every=1, prompt_set="finetune", split="balanced")
     distinct_colours = [p for p in world.SPLITS["balanced"][0] if world.swapped_prompt(p) != p]  # 18 of the hash split's 25
     assert probed["split"] == "balanced" and probed["images"] == len(distinct_colours) == 18
@@ -598,7 +598,7 @@ def test_a_world_part_built_with_other_settings_is_rebuilt_with_every_part_train
     assert list(pretrain.reusable_parts({k: v for k, v in built.items() if k != "generator"}, wanted)) == []
     assert list(pretrain.reusable_parts({k: v for k, v in built.items() if k != "mixup_captioner"}, wanted)) == ["generator", "captioner"]
     assert pretrain.world_part_settings("full", 0)["mixup_captioner"] == dict(
-        mixup_steps=600, mixup_batch_size=32, mixup_dataset_size=8000, mixup_check_images=200, recipe="full", seed=0, per_object=True)
+        mixup_steps=600, mixup_batch_size=32, mixup_dataset_size=8000, mixup_check_images=200, recipe="full", seed=0)
 
 
 def test_captioner_augmentation_keeps_images_in_range_and_is_seeded():
@@ -679,7 +679,7 @@ def test_a_failed_fine_tune_exits_naming_it_and_records_nothing(tmp_path, monkey
 
 
 @pytest.mark.parametrize("preset_flags, captioner, split, steps, grad_steps, learning_rate, kl, anchor", [
-    ([], "blip-mixup-per-object", "balanced", "300", "5", "0.001", "20.0", "16.0"),
+    ([], "blip-mixup", "balanced", "400", "5", "0.001", "20.0", "16.0"),
     (["--preset", "2026-11"], "blip", "hash", "300", "2", "0.0001", None, None),  # the earlier sessions' commands, unchanged
     (["--preset", "2026-11", "--kl_loss_weight", "5", "--latent_moment_loss_weight", "1"], "blip", "hash", "300", "2", "0.0001", "5.0", "1.0"),
 ])

@@ -43,12 +43,11 @@ RUNS = {
 }
 SETTINGS = {
     # The main table (README, "Does it work?", since 2026-12-01). Its captioner, the world's fine-tuned with mixup
-    # between bindings object by object, has no ridge between a swapped binding and the right one (300 steps: its
-    # gain stops there and the Fréchet distance leaves the base's after); K = 5 gradient steps of 20 at lr 1e-3
+    # between bindings, has no ridge between a swapped binding and the right one; K = 5 gradient steps of 20 at lr 1e-3
     # learn about twice as fast as K = 2 at 1e-4; the KL penalty (every run) and the latent anchor (with Fidelity
     # Preservation) hold the images at the base model's; the paper's caption loss (sum); a discriminator fast enough
     # to keep up (the recipe's 2e-5 is fooled).
-    "main": dict(max_train_steps=300, train_batch_size=8, num_inference_steps=20, num_grad_steps=5, seeds=8, learning_rate=1e-3,
+    "main": dict(max_train_steps=400, train_batch_size=8, num_inference_steps=20, num_grad_steps=5, seeds=8, learning_rate=1e-3,
                  discriminator_learning_rate=5e-4, caption_loss_reduction="sum", kl_loss_weight=20.0, latent_moment_loss_weight=16.0),
     # The main table until 2026-11-30, which the README's commands of the sessions before ran with (--preset 2026-11).
     "2026-11": dict(max_train_steps=300, train_batch_size=8, num_inference_steps=20, num_grad_steps=2, seeds=8, learning_rate=1e-4,
@@ -58,7 +57,7 @@ SETTINGS = {
                   discriminator_learning_rate=2e-5, caption_loss_reduction="mean", kl_loss_weight=20.0, latent_moment_loss_weight=16.0),
 }
 # What else each preset sets: the fine-tunes' captioner (a folder of the world) and the split.
-PRESETS = {"main": dict(captioner="blip-mixup-per-object", split="balanced"), "2026-11": dict(captioner="blip", split="hash")}
+PRESETS = {"main": dict(captioner="blip-mixup", split="balanced"), "2026-11": dict(captioner="blip", split="hash")}
 # Prompts a fine-tune may see (never an evaluation prompt): the two-object prompts with a held-out pair in the
 # split's fine-tune half, and optionally also the pretraining's two-object prompts, which the base model draws right
 # and which anchor the colours of the seen pairs.
@@ -380,7 +379,7 @@ def run(args):
     print(table)
     print(f"base single-object accuracy {100 * single_accuracy:.1f}%; the captioners prefer the true caption on "
           f"{100 * world_summary['captioner']['prefers_true_caption']:.1f}% (blip) and "
-          f"{100 * world_summary['mixup_captioner']['prefers_true_caption']:.1f}% (blip-mixup-per-object) of held-out images; {results['seconds']}")
+          f"{100 * world_summary['mixup_captioner']['prefers_true_caption']:.1f}% (blip-mixup) of held-out images; {results['seconds']}")
     return results
 
 
@@ -389,8 +388,8 @@ def parse_args(argv=None):
     parser.add_argument("--world_dir", default="world", help="The world's models (built there when missing).")
     parser.add_argument("--output_dir", default="efficacy-results", help="Fine-tunes, images, results.")
     parser.add_argument("--quick", action="store_true", help="Minutes-long run of every stage: the mechanics, not the gain.")
-    parser.add_argument("--preset", choices=[name for name in SETTINGS if name != "quick"], default="main", help="Settings, captioner and split of the fine-tunes (default: main, the README's main table: the captioner fine-tuned with mixup object by object, the balanced split, 300 steps, K = 5, lr 1e-3, KL 20, latent anchor 16; 2026-11: the main table until 2026-11-30, which the README's earlier sessions ran with: the world's captioner, the hash split, 300 steps, K = 2, lr 1e-4, neither). The flags below change single settings of it.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Steps of each fine-tune (default: the preset's, 300).")
+    parser.add_argument("--preset", choices=[name for name in SETTINGS if name != "quick"], default="main", help="Settings, captioner and split of the fine-tunes (default: main, the README's main table: the mixup captioner, the balanced split, 400 steps, K = 5, lr 1e-3, KL 20, latent anchor 16; 2026-11: the main table until 2026-11-30, which the README's earlier sessions ran with: the world's captioner, the hash split, 300 steps, K = 2, lr 1e-4, neither). The flags below change single settings of it.")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Steps of each fine-tune (default: the preset's, 400).")
     parser.add_argument("--learning_rate", type=float, default=None, help="Generator LoRA learning rate (default: the preset's, 1e-3).")
     parser.add_argument("--discriminator_learning_rate", type=float, default=None, help="Discriminator learning rate (default: 5e-4; the SD1.5 recipe's 2e-5 is fooled here).")
     parser.add_argument("--caption_loss_reduction", choices=["mean", "sum"], default=None, help="train_comat.py's flag (default: sum, the paper's formula).")
@@ -398,7 +397,7 @@ def parse_args(argv=None):
     parser.add_argument("--latent_moment_loss_weight", type=float, default=None, help="train_comat.py's flag, for the fine-tunes with Fidelity Preservation (default: the preset's, 16).")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="Threads of the fine-tunes.")
     parser.add_argument("--runs", default=None, help=f"Comma-separated fine-tunes to run (default: all of {', '.join(RUNS)}).")
-    parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: the preset's: main WORLD_DIR/blip-mixup-per-object, 2026-11 WORLD_DIR/blip), e.g. WORLD_DIR/blip-adversarial-32 from pretrain.py --adversarial_captioner 32.")
+    parser.add_argument("--captioner", default=None, help="Captioner of the fine-tunes (default: the preset's, WORLD_DIR/blip-mixup), e.g. WORLD_DIR/blip-adversarial-32 from pretrain.py --adversarial_captioner 32.")
     parser.add_argument("--train_flags", default="", help='More train_comat.py flags for every fine-tune, e.g. "--token_loss_weight 1 --pixel_loss_weight 0.05" (default: none; one flag alone: --train_flags=--FLAG).')
     parser.add_argument("--finetune_prompts", choices=FINETUNE_PROMPT_SETS, default="held-out-pairs", help="The fine-tunes' prompts: the split's fine-tune prompts with a held-out pair (default; 28 in the hash split), or those and the 42 two-object prompts of pretraining (with-seen-pairs).")
     parser.add_argument("--split", choices=list(world.SPLITS), default=None, help="Which prompts with a held-out pair are fine-tuned on and which evaluated (default: the preset's, balanced: 27 / 27, each held-out pair in each position about equally often in both; hash: 28 / 26, the split of the results before 2026-11-30).")

@@ -10,15 +10,14 @@
   are the world VAE's reconstructions, and all are randomly blurred, colour-jittered and noised: a captioner trained
   on clean renders only reads the world perfectly but its gradient barely says how to bind (see
   ``reward_probe.py``); CoMat follows that gradient.
-* ``WORLD/blip-mixup-per-object``: that captioner fine-tuned with mixup between two colourings of a scene, object by
-  object (``mixup_captioner``): the main table's captioner. Between a swapped binding and the right one the world's
-  captioner's loss rises before it falls and CoMat does not cross that ridge (``binding_path.py``); this one's falls
-  along every path.
+* ``WORLD/blip-mixup``: that captioner fine-tuned with mixup between two colourings of a scene (``mixup_captioner``):
+  the main table's captioner. Between a swapped binding and the right one the world's captioner's loss rises before
+  it falls and CoMat does not cross that ridge (``binding_path.py``); this one's falls along the way.
 
 ``--captioner_seed N`` also trains another captioner alike with seed N (``WORLD/blip-seedN``),
 ``--adversarial_captioner EPS`` an adversarially fine-tuned one (``WORLD/blip-adversarial-EPS``), and
-``--mixup_captioner`` one fine-tuned with mixup of the whole scene (``WORLD/blip-mixup``, the main table's captioner
-before the per-object one).
+``--per_object_mixup_captioner`` one fine-tuned with mixup object by object (``WORLD/blip-mixup-per-object``: no
+ridge on any path).
 
 Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
 recipe retrains the captioners only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
@@ -338,7 +337,7 @@ def mixup_captioner(world_dir, steps, batch_size, dataset_size, check_images, se
     captioner reads a blend, or both objects in one colour, as neither caption: between a swapped binding and the right
     one its loss rises before it falls, and CoMat's gradient does not cross that ridge (``binding_path``). Mixup asks
     its loss to fall along the way. A whole-scene blend leaves a ridge on the paths that recolour one object first;
-    ``per_object`` (the world's) blends each object with its own λ (:func:`binding_blends`), which removes it. Returns
+    ``per_object`` blends each object with its own λ (:func:`binding_blends`), which removes it. Returns
     the folder and the share of fresh two-object images whose true caption it prefers to the attribute-swapped one."""
     from diffusers import AutoencoderKL
 
@@ -443,7 +442,7 @@ def world_part_settings(recipe, seed):
     return {
         "generator": {key: settings[key] for key in (*GENERATOR_SETTINGS, "recipe", "seed")},
         "captioner": {key: settings[key] for key in (*CAPTIONER_SETTINGS, "recipe", "seed")} | {"augmentation": CAPTIONER_AUGMENTATION},
-        "mixup_captioner": {key: settings[key] for key in (*MIXUP_SETTINGS, "recipe", "seed")} | {"per_object": True},
+        "mixup_captioner": {key: settings[key] for key in (*MIXUP_SETTINGS, "recipe", "seed")}
     }
 
 
@@ -460,7 +459,7 @@ def reusable_parts(built, wanted):
 
 def build_world(world_dir, recipe="full", seed=0):
     """Train and save every model of the world into ``world_dir``: the Stable Diffusion folder ``sd``, the captioner
-    ``blip`` and the captioner fine-tuned with mixup between bindings ``blip-mixup-per-object``. A part already built with the
+    ``blip`` and the captioner fine-tuned with mixup between bindings ``blip-mixup``. A part already built with the
     same settings, after parts all reused, is reused. Returns the summary written to ``world_complete.json``."""
     from diffusers import StableDiffusionPipeline
 
@@ -507,7 +506,7 @@ def build_world(world_dir, recipe="full", seed=0):
 
         start = time.perf_counter()
         _, prefers_true = mixup_captioner(world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
-                                          settings["mixup_check_images"], per_object=True)
+                                          settings["mixup_check_images"])
         summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
                                           prefers_true_caption=prefers_true)
         _write_summary(marker, summary)
@@ -527,7 +526,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the initialisation.")
     parser.add_argument("--adversarial_captioner", type=float, default=None, help="Also fine-tune the captioner adversarially with this L-inf radius (in 1/255) into WORLD_DIR/blip-adversarial-EPS (default: no).")
     parser.add_argument("--adversarial_steps", type=int, default=600, help="Steps of that fine-tune (default: 600).")
-    parser.add_argument("--mixup_captioner", action="store_true", help="Also fine-tune the world's captioner with mixup of the whole scene into WORLD_DIR/blip-mixup, with the recipe's mixup settings (default: no; the world's is mixed object by object).")
+    parser.add_argument("--per_object_mixup_captioner", action="store_true", help="Also fine-tune the world's captioner with mixup object by object into WORLD_DIR/blip-mixup-per-object, with the recipe's mixup settings (default: no; the world's blip-mixup mixes the whole scene).")
     parser.add_argument("--captioner_seed", type=int, default=None, help="Also train another captioner with this seed (data and initialisation) into WORLD_DIR/blip-seedN: does a hack of one captioner fool another? (default: no).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
@@ -536,11 +535,11 @@ def main(argv=None):
     if args.adversarial_captioner is not None:
         output, prefers_true = adversarial_captioner(args.world_dir, args.adversarial_captioner, args.adversarial_steps)
         print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of 200 fresh two-object images")
-    if args.mixup_captioner:
+    if args.per_object_mixup_captioner:
         settings = RECIPES["quick" if args.quick else "full"]
         with build_threads(BUILD_THREADS):
             output, prefers_true = mixup_captioner(args.world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
-                                                   settings["mixup_check_images"])
+                                                   settings["mixup_check_images"], per_object=True)
         print(f"{output}: prefers the true caption on {100 * prefers_true:.1f}% of {settings['mixup_check_images']} fresh two-object images")
     if args.captioner_seed is not None:
         output, prefers_true = independent_captioner(args.world_dir, args.captioner_seed, "quick" if args.quick else "full")
