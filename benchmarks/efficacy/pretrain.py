@@ -442,7 +442,7 @@ def world_part_settings(recipe, seed):
     return {
         "generator": {key: settings[key] for key in (*GENERATOR_SETTINGS, "recipe", "seed")},
         "captioner": {key: settings[key] for key in (*CAPTIONER_SETTINGS, "recipe", "seed")} | {"augmentation": CAPTIONER_AUGMENTATION},
-        "mixup_captioner": {key: settings[key] for key in (*MIXUP_SETTINGS, "recipe", "seed")}
+        "mixup_captioner": {key: settings[key] for key in (*MIXUP_SETTINGS, "recipe", "seed")},
     }
 
 
