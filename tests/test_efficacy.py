@@ -410,6 +410,14 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
         assert command[command.index("--kl_loss_weight") + 1] == "20.0"
         assert ("--latent_moment_loss_weight" in command) == anchored
     assert json.load(open(output_dir / "results.json"))["recipe"] == "quick"
+    # The fine-tunes ran two at once (the default), each logging to its file; one run alone gives the same LoRA.
+    for run in ("caption_only", "plus_attribute_concentration", "full_CoMat"):
+        assert "Saved the CoMat LoRA" in (output_dir / "runs" / f"{run}.log").read_text()
+    alone = experiment.finetune("full CoMat", experiment.RUNS["full CoMat"], str(tmp_path / "world"), str(tmp_path / "alone"),
+                                experiment.SETTINGS["quick"], 1, str(tmp_path / "world" / "blip-mixup"), prompts=finetune_prompts)
+    together = load_file(str(output_dir / "runs" / "full_CoMat" / "pytorch_lora_weights.safetensors"))
+    by_itself = load_file(os.path.join(alone, "pytorch_lora_weights.safetensors"))
+    assert together.keys() == by_itself.keys() and all(torch.equal(together[key], by_itself[key]) for key in together)
     for picture in ("samples.png", "token_activations.png"):
         assert os.path.getsize(output_dir / picture) > 1000
     assert "full prompt accuracy" in (output_dir / "results.md").read_text()
@@ -676,6 +684,39 @@ def test_a_failed_fine_tune_exits_naming_it_and_records_nothing(tmp_path, monkey
     with pytest.raises(SystemExit, match="train_comat.py failed \\(exit 2\\) in the fine-tune 'caption only'"):
         experiment.finetune("caption only", ["--no_such_flag"], str(tmp_path / "world"), str(tmp_path / "out"), experiment.SETTINGS["quick"], 1)
     assert not (tmp_path / "out" / "runs" / "caption_only" / "efficacy_command.json").exists()
+
+
+def test_fine_tunes_at_once_name_the_failed_one_and_keep_the_others(tmp_path, monkeypatch):
+    import subprocess
+
+    from benchmarks.efficacy import experiment
+
+    environments = []
+
+    def fake_run(command, env=None, stdout=None, **kwargs):
+        environments.append(env)
+        if "--no_such_flag" in command:
+            stdout.write("train_comat.py: error: no such flag\n")
+            return subprocess.CompletedProcess(command, 2)
+        os.makedirs(command[command.index("--output_dir") + 1])  # as train_comat.py does
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(experiment.subprocess, "run", fake_run)
+    runs = {"caption only": ["--no_such_flag"], "full CoMat": []}
+    with pytest.raises(SystemExit, match="failed \\(exit 2\\) in the fine-tune 'caption only'; its output is in .*caption_only.log"):
+        experiment.finetunes(runs, str(tmp_path / "world"), str(tmp_path / "out"), experiment.SETTINGS["quick"], 1, concurrent=2)
+    assert "no such flag" in (tmp_path / "out" / "runs" / "caption_only.log").read_text()
+    assert not (tmp_path / "out" / "runs" / "caption_only" / "efficacy_command.json").exists()
+    assert (tmp_path / "out" / "runs" / "full_CoMat" / "efficacy_command.json").exists()  # reused when run again
+    assert all(env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "1" for env in environments)
+
+
+def test_experiment_refuses_fewer_than_one_fine_tune_at_once(capsys):
+    from benchmarks.efficacy import experiment
+
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--concurrent_finetunes", "0"])
+    assert "--concurrent_finetunes 0: at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset_flags, captioner, split, steps, grad_steps, learning_rate, kl, anchor", [
