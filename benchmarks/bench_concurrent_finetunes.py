@@ -39,13 +39,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="Threads of each fine-tune (default: 2, the experiment's).")
     parser.add_argument("--output", default=None, help="Also write the results to this JSON file (default: print only).")
     args = parser.parse_args(argv)
+    counts = [int(count) for count in args.concurrent.split(",")]
+    if min(counts) < 1:
+        parser.error(f"--concurrent {args.concurrent}: each count at least 1.")
 
     build_world(args.world_dir, "quick")
     settings = dict(experiment.SETTINGS["main"], max_train_steps=args.steps)
     captioner = os.path.join(args.world_dir, experiment.PRESETS["main"]["captioner"])
     prompts = world.SPLITS[experiment.PRESETS["main"]["split"]][0]
     results, reference = [], None
-    for concurrent in [int(count) for count in args.concurrent.split(",")]:
+    for concurrent in counts:
         output_dir = os.path.join(args.output_dir, f"at-once-{concurrent}")
         shutil.rmtree(output_dir, ignore_errors=True)  # timed from scratch, never reused
         start = time.perf_counter()

@@ -147,6 +147,29 @@ def finetune(name, flags, world_dir, output_dir, settings, threads, captioner=No
     return finetunes({name: flags}, world_dir, output_dir, settings, threads, captioner, checkpointing_steps, prompts)[name]
 
 
+def finetune_command(flags, world_dir, output_dir, run_dir, prompts_file, settings, captioner, checkpointing_steps):
+    """The train_comat.py command of one fine-tune of :func:`finetunes`."""
+    regularizers = ["--kl_loss_weight", str(settings["kl_loss_weight"])] if settings["kl_loss_weight"] else []
+    if settings["latent_moment_loss_weight"] and "--no_fidelity_preservation" not in flags:
+        regularizers += ["--latent_moment_loss_weight", str(settings["latent_moment_loss_weight"])]
+    return [
+        sys.executable, os.path.join(REPO_ROOT, "train_comat.py"),
+        "--pretrained_model_name_or_path", os.path.join(world_dir, "sd"),
+        "--caption_model_name_or_path", captioner or os.path.join(world_dir, "blip"),
+        "--segmenter", "benchmarks.efficacy.world:load_shape_segmenter",
+        "--attention_layers", "mid,up",
+        "--train_data", prompts_file, "--output_dir", run_dir,
+        "--train_batch_size", str(settings["train_batch_size"]), "--max_train_steps", str(settings["max_train_steps"]),
+        "--num_inference_steps", str(settings["num_inference_steps"]), "--num_grad_steps", str(settings["num_grad_steps"]),
+        "--guidance_scale", str(GUIDANCE_SCALE), "--learning_rate", str(settings["learning_rate"]),
+        "--discriminator_learning_rate", str(settings["discriminator_learning_rate"]),
+        "--caption_loss_reduction", settings["caption_loss_reduction"],
+        "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", str(checkpointing_steps or 100000), "--report_to", "tensorboard",
+        "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), *regularizers, "--seed", "0", "--overwrite_output_dir",
+        *flags,
+    ]
+
+
 def finetunes(flags_by_name, world_dir, output_dir, settings, threads, captioner=None, checkpointing_steps=None,
               prompts=world.FINETUNE_PROMPTS, concurrent=1):
     """CoMat fine-tunes on ``prompts`` through train_comat.py, ``concurrent`` at a time on ``threads`` threads each;
@@ -158,32 +181,13 @@ def finetunes(flags_by_name, world_dir, output_dir, settings, threads, captioner
     the reference-latent cache, written atomically and seeded per prompt. Their threads wait passively
     (``OMP_WAIT_POLICY``) so that none spins on a core another run needs, and each run's output goes to RUN_DIR.log
     instead of the terminal. A failed run stops the experiment after the others end (those are reused next time)."""
-    regularizers = ["--kl_loss_weight", str(settings["kl_loss_weight"])] if settings["kl_loss_weight"] else []
     prompts_file = os.path.join(output_dir, "finetune_prompts.txt")
     prompts_text = "\n".join(prompts) + "\n"
     prompts_unchanged = os.path.isfile(prompts_file) and open(prompts_file).read() == prompts_text
     run_dirs, pending = {}, []
     for name, flags in flags_by_name.items():
-        anchor = []
-        if settings["latent_moment_loss_weight"] and "--no_fidelity_preservation" not in flags:
-            anchor = ["--latent_moment_loss_weight", str(settings["latent_moment_loss_weight"])]
         run_dir = run_dirs[name] = os.path.join(output_dir, "runs", name.replace(" ", "_").replace("+", "plus"))
-        command = [
-            sys.executable, os.path.join(REPO_ROOT, "train_comat.py"),
-            "--pretrained_model_name_or_path", os.path.join(world_dir, "sd"),
-            "--caption_model_name_or_path", captioner or os.path.join(world_dir, "blip"),
-            "--segmenter", "benchmarks.efficacy.world:load_shape_segmenter",
-            "--attention_layers", "mid,up",
-            "--train_data", prompts_file, "--output_dir", run_dir,
-            "--train_batch_size", str(settings["train_batch_size"]), "--max_train_steps", str(settings["max_train_steps"]),
-            "--num_inference_steps", str(settings["num_inference_steps"]), "--num_grad_steps", str(settings["num_grad_steps"]),
-            "--guidance_scale", str(GUIDANCE_SCALE), "--learning_rate", str(settings["learning_rate"]),
-            "--discriminator_learning_rate", str(settings["discriminator_learning_rate"]),
-            "--caption_loss_reduction", settings["caption_loss_reduction"],
-            "--rank", "8", "--discriminator_rank", "8", "--checkpointing_steps", str(checkpointing_steps or 100000), "--report_to", "tensorboard",
-            "--reference_latents_dir", os.path.join(output_dir, "reference_latents"), *regularizers, *anchor, "--seed", "0",
-            "--overwrite_output_dir", *flags,
-        ]
+        command = finetune_command(flags, world_dir, output_dir, run_dir, prompts_file, settings, captioner, checkpointing_steps)
         record = os.path.join(run_dir, "efficacy_command.json")
         if prompts_unchanged and os.path.isfile(record) and json.load(open(record)) == command[1:]:
             logger.info(f"Reusing the fine-tune '{name}' in {run_dir}")
@@ -217,7 +221,7 @@ def finetunes(flags_by_name, world_dir, output_dir, settings, threads, captioner
         logger.info(f"'{name}' fine-tuned in {time.perf_counter() - start:.0f} s")
         return None
 
-    with concurrent_futures.ThreadPoolExecutor(max_workers=max(1, concurrent)) as pool:
+    with concurrent_futures.ThreadPoolExecutor(max_workers=concurrent) as pool:
         failures = [failure for failure in pool.map(lambda job: run_one(*job), pending) if failure]
     if failures:
         raise SystemExit("\n".join(failures))
