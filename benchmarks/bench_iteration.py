@@ -443,7 +443,7 @@ def isolated_phases(comat, prompts, micro_step):
     The gradient steps are K steps of a K-step sampler, all with gradient and capture at the first r; every
     backward is charged to ``generator_backward`` (and to the phase it belongs to in the returned
     ``backward_by_phase``). Returns (seconds per phase, backward seconds per phase)."""
-    args, timer, device = comat.args, comat.timer, comat.accelerator.device
+    args, timer = comat.args, comat.timer
     timer.reset()
     backward_by_phase = {}
 

@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 
-import numpy as np
-
 from benchmarks.efficacy import world
 from benchmarks.efficacy.experiment import GUIDANCE_SCALE, WorldJudgeScorer, fidelity
 from pipeline_comat import lora_at_or_below_timestep
