@@ -711,6 +711,44 @@ def test_fine_tunes_at_once_name_the_failed_one_and_keep_the_others(tmp_path, mo
     assert all(env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == "1" for env in environments)
 
 
+@pytest.mark.parametrize("names, concurrent, passive, alone", [
+    (["caption only", "+ attribute concentration", "full CoMat"], 2, {"full CoMat", "+ attribute concentration"}, "caption only"),
+    (["caption only", "+ attribute concentration", "full CoMat"], 3, {"full CoMat", "+ attribute concentration", "caption only"}, None),
+    (["full CoMat"], 2, set(), "full CoMat"),
+    (["caption only", "full CoMat"], 1, set(), None),
+])
+def test_only_fine_tunes_beside_another_wait_passively(names, concurrent, passive, alone, tmp_path, monkeypatch):
+    # The passive wait makes a run alone 2.3 times slower: a single run, and a last one that would start a wave of its
+    # own, keep OpenMP's default and start after the others ended.
+    import subprocess
+    import threading
+    import time
+
+    from benchmarks.efficacy import experiment
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    events, lock = [], threading.Lock()
+
+    def fake_run(command, env=None, **kwargs):
+        name = {os.path.join(str(tmp_path / "out"), "runs", name.replace(" ", "_").replace("+", "plus")): name
+                for name in names}[command[command.index("--output_dir") + 1]]
+        with lock:
+            events.append(("start", name, env.get("OMP_WAIT_POLICY")))
+        time.sleep(0.2)
+        os.makedirs(command[command.index("--output_dir") + 1])
+        with lock:
+            events.append(("end", name, None))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(experiment.subprocess, "run", fake_run)
+    experiment.finetunes({name: experiment.RUNS[name] for name in names}, str(tmp_path / "world"), str(tmp_path / "out"),
+                         experiment.SETTINGS["quick"], 2, concurrent=concurrent)
+    assert {name for kind, name, policy in events if kind == "start" and policy == "PASSIVE"} == passive
+    assert {name for kind, name, policy in events if kind == "start" and policy is None} == set(names) - passive
+    if alone:
+        assert events[-2:] == [("start", alone, None), ("end", alone, None)]  # after every other run ended
+
+
 def test_experiment_refuses_fewer_than_one_fine_tune_at_once(capsys):
     from benchmarks.efficacy import experiment
 
