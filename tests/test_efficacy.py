@@ -396,6 +396,9 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     assert results["captioner"] == str(tmp_path / "world" / "blip-mixup")
     assert (tmp_path / "world" / "blip-mixup" / "model.safetensors").is_file()
     assert 0 <= results["world"]["mixup_captioner"]["prefers_true_caption"] <= 1
+    # Each part records the machine it was built on: another CPU's kernels build another world.
+    assert all(part["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and part["machine"]["cpu"]
+               for part in results["world"].values())
     assert (output_dir / "finetune_prompts.txt").read_text().splitlines() == finetune_prompts
     for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
         assert set(results["summary"][name]) >= {"full_prompt_accuracy", "color_leak_rate", "background_cleanliness"}

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 
 import numpy as np
@@ -424,6 +425,16 @@ def swap_preference(model, processor, num_images=400, seed=12345):
     return prefers_true / num_images
 
 
+def build_machine():
+    """Where a part of the world was built: the world is the same bit for bit on one machine, not on every CPU (the
+    kernels torch picks for the instruction set change the bits; research log, twenty-first session)."""
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return dict(cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__)
+
+
 @contextlib.contextmanager
 def build_threads(count):
     """Runs the block on ``count`` CPU threads: float sums split over another number of threads round differently,
@@ -491,7 +502,8 @@ def build_world(world_dir, recipe="full", seed=0):
                 vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             ).save_pretrained(os.path.join(world_dir, "sd"))
-            summary["generator"] = dict(settings=wanted["generator"], threads=BUILD_THREADS, vae_reconstruction_judge_accuracy=vae_accuracy,
+            summary["generator"] = dict(settings=wanted["generator"], threads=BUILD_THREADS, machine=build_machine(),
+                                        vae_reconstruction_judge_accuracy=vae_accuracy,
                                         seconds=dict(vae=vae_seconds, generator=time.perf_counter() - start - vae_seconds))
             _write_summary(marker, summary)
 
@@ -500,14 +512,16 @@ def build_world(world_dir, recipe="full", seed=0):
             captioner, processor = train_world_captioner(world_dir, settings, seed)
             captioner.save_pretrained(os.path.join(world_dir, "blip"))
             processor.save_pretrained(os.path.join(world_dir, "blip"))
-            summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
+            summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, machine=build_machine(),
+                                        seconds=time.perf_counter() - start,
                                         prefers_true_caption=swap_preference(captioner, processor, num_images=checked))
             _write_summary(marker, summary)
 
         start = time.perf_counter()
         _, prefers_true = mixup_captioner(world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
                                           settings["mixup_check_images"])
-        summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, seconds=time.perf_counter() - start,
+        summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, machine=build_machine(),
+                                          seconds=time.perf_counter() - start,
                                           prefers_true_caption=prefers_true)
         _write_summary(marker, summary)
     logger.info(f"World built: {summary}")
