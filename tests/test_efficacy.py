@@ -733,19 +733,20 @@ def test_only_fine_tunes_beside_another_wait_passively(names, concurrent, passiv
     events, lock = [], threading.Lock()
 
     def fake_run(command, env=None, **kwargs):
-        name = {os.path.join(str(tmp_path / "out"), "runs", name.replace(" ", "_").replace("+", "plus")): name
-                for name in names}[command[command.index("--output_dir") + 1]]
+        run_dir = command[command.index("--output_dir") + 1]
         with lock:
-            events.append(("start", name, env.get("OMP_WAIT_POLICY")))
+            events.append(("start", run_dir, env.get("OMP_WAIT_POLICY")))
         time.sleep(0.2)
-        os.makedirs(command[command.index("--output_dir") + 1])
+        os.makedirs(run_dir)
         with lock:
-            events.append(("end", name, None))
+            events.append(("end", run_dir, None))
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(experiment.subprocess, "run", fake_run)
-    experiment.finetunes({name: experiment.RUNS[name] for name in names}, str(tmp_path / "world"), str(tmp_path / "out"),
-                         experiment.SETTINGS["quick"], 2, concurrent=concurrent)
+    run_dirs = experiment.finetunes({name: experiment.RUNS[name] for name in names}, str(tmp_path / "world"), str(tmp_path / "out"),
+                                    experiment.SETTINGS["quick"], 2, concurrent=concurrent)
+    name_of = {run_dir: name for name, run_dir in run_dirs.items()}
+    events = [(kind, name_of[run_dir], policy) for kind, run_dir, policy in events]
     assert {name for kind, name, policy in events if kind == "start" and policy == "PASSIVE"} == passive
     assert {name for kind, name, policy in events if kind == "start" and policy is None} == set(names) - passive
     if alone:

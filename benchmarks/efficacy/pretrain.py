@@ -485,6 +485,7 @@ def build_world(world_dir, recipe="full", seed=0):
         logger.info(f"World models found complete in {world_dir}")
         return summary
     os.makedirs(world_dir, exist_ok=True)
+    machine = build_machine()
     with build_threads(BUILD_THREADS):
         torch.manual_seed(seed)
         checked = settings["check_images"]
@@ -502,7 +503,7 @@ def build_world(world_dir, recipe="full", seed=0):
                 vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             ).save_pretrained(os.path.join(world_dir, "sd"))
-            summary["generator"] = dict(settings=wanted["generator"], threads=BUILD_THREADS, machine=build_machine(),
+            summary["generator"] = dict(settings=wanted["generator"], threads=BUILD_THREADS, machine=machine,
                                         vae_reconstruction_judge_accuracy=vae_accuracy,
                                         seconds=dict(vae=vae_seconds, generator=time.perf_counter() - start - vae_seconds))
             _write_summary(marker, summary)
@@ -512,7 +513,7 @@ def build_world(world_dir, recipe="full", seed=0):
             captioner, processor = train_world_captioner(world_dir, settings, seed)
             captioner.save_pretrained(os.path.join(world_dir, "blip"))
             processor.save_pretrained(os.path.join(world_dir, "blip"))
-            summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, machine=build_machine(),
+            summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, machine=machine,
                                         seconds=time.perf_counter() - start,
                                         prefers_true_caption=swap_preference(captioner, processor, num_images=checked))
             _write_summary(marker, summary)
@@ -520,7 +521,7 @@ def build_world(world_dir, recipe="full", seed=0):
         start = time.perf_counter()
         _, prefers_true = mixup_captioner(world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
                                           settings["mixup_check_images"])
-        summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, machine=build_machine(),
+        summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, machine=machine,
                                           seconds=time.perf_counter() - start,
                                           prefers_true_caption=prefers_true)
         _write_summary(marker, summary)
