@@ -373,6 +373,21 @@ def test_palette_prior_makes_a_blend_cost_more_than_the_swap_it_replaces():
     assert on_palette.off_palette((blend - 0.01 * blend.grad / blend.grad.abs().max()).detach()) < on_palette.off_palette(blend.detach())
 
 
+def test_weights_fingerprint_tells_weights_apart_and_ignores_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from benchmarks.efficacy import pretrain
+
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "unet").mkdir()
+    save_file({"w": torch.ones(4)}, str(tmp_path / "unet" / "model.safetensors"))
+    before = pretrain.weights_fingerprint(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert pretrain.weights_fingerprint(str(tmp_path)) == before and len(before) == 16
+    save_file({"w": torch.tensor([1.0, 1.0, 1.0, 1.0 + 2**-20])}, str(tmp_path / "unet" / "model.safetensors"))
+    assert pretrain.weights_fingerprint(str(tmp_path)) != before
+
+
 def test_bootstrap_and_paired_summary():
     mean, low, high = evaluation.bootstrap_ci([0.0, 1.0] * 50)
     assert mean == 0.5 and low < 0.5 < high and high - low < 0.25
@@ -385,7 +400,7 @@ def test_bootstrap_and_paired_summary():
 
 
 def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
-    from benchmarks.efficacy import experiment
+    from benchmarks.efficacy import experiment, pretrain
 
     output_dir = tmp_path / "results"
     results = experiment.run(experiment.parse_args(
@@ -399,6 +414,9 @@ def test_quick_experiment_runs_every_stage_through_train_comat(tmp_path):
     # Each part records the machine it was built on: another CPU's kernels build another world.
     assert all(part["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and part["machine"]["cpu"]
                for part in results["world"].values())
+    # ... and the fingerprint of the weights it saved, which tells two builds' worlds apart.
+    for part, folder in (("generator", "sd"), ("captioner", "blip"), ("mixup_captioner", "blip-mixup")):
+        assert results["world"][part]["weights_sha256"] == pretrain.weights_fingerprint(str(tmp_path / "world" / folder))
     assert (output_dir / "finetune_prompts.txt").read_text().splitlines() == finetune_prompts
     for name in ("base", "caption only", "+ attribute concentration", "full CoMat"):
         assert set(results["summary"][name]) >= {"full_prompt_accuracy", "color_leak_rate", "background_cleanliness"}

@@ -21,13 +21,16 @@ ridge on any path).
 
 Each part is cached with the settings it was built with (``world_complete.json``): changing the captioner's
 recipe retrains the captioners only. The build runs on ``BUILD_THREADS`` CPU threads whatever ``OMP_NUM_THREADS``
-says, so that the same command builds the same world bit for bit on any machine of the same kind.
+says, so that the same command builds the same world bit for bit on any machine of the same kind. Each part records
+the machine it was built on and ``weights_sha256``, a fingerprint of its saved weights: two builds with the same
+fingerprints are the same world.
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.pretrain --world_dir world
 """
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -435,6 +438,20 @@ def build_machine():
     return dict(cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__)
 
 
+def weights_fingerprint(folder):
+    """The first 16 hex digits of a SHA-256 over the ``.safetensors`` files under ``folder`` (relative paths and bytes,
+    in sorted order): equal for two builds of a world part exactly when their weights are equal bit for bit."""
+    digest = hashlib.sha256()
+    paths = sorted(os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder)
+                   for name in names if name.endswith(".safetensors"))
+    for path in paths:
+        digest.update(path.encode())
+        with open(os.path.join(folder, path), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 @contextlib.contextmanager
 def build_threads(count):
     """Runs the block on ``count`` CPU threads: float sums split over another number of threads round differently,
@@ -504,6 +521,7 @@ def build_world(world_dir, recipe="full", seed=0):
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             ).save_pretrained(os.path.join(world_dir, "sd"))
             summary["generator"] = dict(settings=wanted["generator"], threads=BUILD_THREADS, machine=machine,
+                                        weights_sha256=weights_fingerprint(os.path.join(world_dir, "sd")),
                                         vae_reconstruction_judge_accuracy=vae_accuracy,
                                         seconds=dict(vae=vae_seconds, generator=time.perf_counter() - start - vae_seconds))
             _write_summary(marker, summary)
@@ -514,14 +532,16 @@ def build_world(world_dir, recipe="full", seed=0):
             captioner.save_pretrained(os.path.join(world_dir, "blip"))
             processor.save_pretrained(os.path.join(world_dir, "blip"))
             summary["captioner"] = dict(settings=wanted["captioner"], threads=BUILD_THREADS, machine=machine,
+                                        weights_sha256=weights_fingerprint(os.path.join(world_dir, "blip")),
                                         seconds=time.perf_counter() - start,
                                         prefers_true_caption=swap_preference(captioner, processor, num_images=checked))
             _write_summary(marker, summary)
 
         start = time.perf_counter()
-        _, prefers_true = mixup_captioner(world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
-                                          settings["mixup_check_images"])
+        output, prefers_true = mixup_captioner(world_dir, settings["mixup_steps"], settings["mixup_batch_size"], settings["mixup_dataset_size"],
+                                               settings["mixup_check_images"])
         summary["mixup_captioner"] = dict(settings=wanted["mixup_captioner"], threads=BUILD_THREADS, machine=machine,
+                                          weights_sha256=weights_fingerprint(output),
                                           seconds=time.perf_counter() - start,
                                           prefers_true_caption=prefers_true)
         _write_summary(marker, summary)
