@@ -4,6 +4,7 @@ not the gain, which the full benchmark measures (README, "Does it work?")."""
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -355,6 +356,18 @@ def test_binding_path_finds_no_ridge_in_the_exact_reward_and_the_ridge_of_a_rewa
     assert exact_at_sample["ridge_share"] == 0 and exact_at_sample["cosine_at_sample"] > 0.99
     assert binding_path.at_samples(LikesTheSwapToo(), samples)["ridge_share"] == 1 and binding_path.at_samples(LikesTheSwapToo(), []) is None
     assert abs(ridged["both at once"]["cosine_at_swap"]) < 1e-6
+
+    class PixelsAsLatents:
+        """A VAE whose latents are its input: in it the cosine in latents is the straight path's in pixels."""
+
+        def encode(self, pixels):
+            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=pixels))
+
+        def decode(self, latents):
+            return types.SimpleNamespace(sample=latents)
+
+    latents = binding_path.in_latents(world.SceneOracle(in_place=True), PixelsAsLatents(), [prompt], layouts=2)
+    assert latents["cosine_at_swap"] == pytest.approx(exact["both at once"]["cosine_at_swap"], abs=1e-5)
 
 
 def test_palette_prior_makes_a_blend_cost_more_than_the_swap_it_replaces():

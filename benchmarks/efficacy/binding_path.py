@@ -15,7 +15,9 @@ before it reaches the truth (a ridge a gradient step does not cross) and the rid
 cosine of the descent direction (minus the gradient) with each path's first leg. The exact reward drawn in place
 (``world.SceneOracle(in_place=True)``, the reward the target is met with) is always scored beside the captioners, as
 the reference. On renders (no VAE), and with ``--sample_seeds`` also on the base model's own samples that the judge
-reads as the swap: the straight path from each to the truth drawn where it draws its objects. 1 minute per captioner.
+reads as the swap: the straight path from each to the truth drawn where it draws its objects. With the world's VAE
+also the cosine in its latent space, where the generator receives the gradient (the decoder's transpose drops what
+it cannot draw): of the descent direction at the swap's latent with the way to the truth's. 1 minute per captioner.
 
     OMP_NUM_THREADS=2 python -m benchmarks.efficacy.binding_path --world_dir world \\
         --captioners world/blip,world/blip-adversarial-32,world/blip-hardened --output efficacy-results/binding_path.json
@@ -94,6 +96,23 @@ def landscape(scorer, prompts, layouts=4, seed=0):
     return result
 
 
+def in_latents(scorer, vae, prompts, layouts=4, seed=0):
+    """The cosine, in ``vae``'s latent space, of the descent direction of ``scorer`` at each swap's latent (decoded and
+    scored) with the way to its truth's latent, on :func:`landscape`'s layouts (the same ``seed``)."""
+    rng = np.random.default_rng(seed)
+    cosines = []
+    for prompt in prompts:
+        for _ in range(layouts):
+            scene = scenes(prompt, world.random_layout(2, rng))
+            with torch.no_grad():
+                swap, truth = (vae.encode(scene[kind] * 2 - 1).latent_dist.mean for kind in ("swap", "truth"))
+            latent = swap.clone().requires_grad_(True)
+            image = (vae.decode(latent).sample / 2 + 0.5).clamp(0, 1)
+            gradient, = torch.autograd.grad(scorer.loss(image, [prompt], reduction="sum"), latent)
+            cosines.append(_cosine(-gradient, truth - swap))
+    return dict(cosine_at_swap=float(np.mean(cosines)), cosine_at_swap_sd=float(np.std(cosines)))
+
+
 def swapped_samples(world_dir, prompts, seeds, num_inference_steps=20):
     """The base model's samples of ``prompts`` (seeds 0 to ``seeds`` − 1, the experiment's sampler) that the judge
     reads as the attribute swap, each with the truth drawn where the sample draws its objects: [(prompt, sample,
@@ -138,14 +157,19 @@ def at_samples(scorer, samples):
 def binding_paths(captioners, split="balanced", layouts=4, seed=0, prompts=None, world_dir=None, sample_seeds=0,
                   num_inference_steps=20):
     """:func:`landscape` of the exact in-place reward and of each captioner folder, on the split's fine-tune prompts
-    whose objects differ in colour (or ``prompts``); with ``sample_seeds`` > 0 also :func:`at_samples` on the base
-    model's (``world_dir``) samples of them that draw the swap."""
+    whose objects differ in colour (or ``prompts``); with ``world_dir`` also :func:`in_latents` with its VAE, and with
+    ``sample_seeds`` > 0 :func:`at_samples` on the base model's samples of them that draw the swap."""
     if prompts is None:
         prompts = [p for p in world.SPLITS[split][0] if world.swapped_prompt(p) != p]
     rewards = {EXACT_REWARD: world.SceneOracle(in_place=True)}
     rewards.update({captioner: CaptionScorer.from_pretrained(captioner) for captioner in captioners})
     result = dict(split=split, prompts=len(prompts), layouts=layouts, seed=seed,
                   rewards={name: landscape(scorer, prompts, layouts, seed) for name, scorer in rewards.items()})
+    if world_dir is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(os.path.join(world_dir, "sd"), subfolder="vae").eval().requires_grad_(False)
+        result["in_latents"] = {name: in_latents(scorer, vae, prompts, layouts, seed) for name, scorer in rewards.items()}
     if sample_seeds:
         samples = swapped_samples(world_dir, prompts, sample_seeds, num_inference_steps)
         result.update(sample_seeds=sample_seeds, swapped_samples=len(samples),
@@ -160,16 +184,16 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="balanced", choices=sorted(world.SPLITS), help="Whose fine-tune prompts. Default: balanced.")
     parser.add_argument("--layouts", type=int, default=4, help="Random layouts per prompt. Default: 4.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the layouts. Default: 0.")
-    parser.add_argument("--sample_seeds", type=int, default=3, help="Also the straight path from each of the base model's samples (seeds 0 to N − 1 per prompt) that the judge reads as the swap to the truth drawn where it draws its objects; 0: renders only. Default: 3.")
+    parser.add_argument("--sample_seeds", type=int, default=3, help="Also the straight path from each of the base model's samples (seeds 0 to N − 1 per prompt) that the judge reads as the swap to the truth drawn where it draws its objects; 0: none. Default: 3.")
     parser.add_argument("--output", default=None, help="JSON file of the results. Default: print only.")
     args = parser.parse_args(argv)
     args.captioners = args.captioners.split(",") if args.captioners else [os.path.join(args.world_dir, "blip")]
     if args.layouts < 1:
         parser.error(f"--layouts {args.layouts}: give at least 1.")
     if args.sample_seeds < 0:
-        parser.error(f"--sample_seeds {args.sample_seeds}: give 0 (renders only) or more.")
-    if args.sample_seeds and not os.path.isdir(os.path.join(args.world_dir, "sd")):
-        parser.error(f"--world_dir {args.world_dir}: no sd folder; build the world first (python -m benchmarks.efficacy.pretrain) or give --sample_seeds 0.")
+        parser.error(f"--sample_seeds {args.sample_seeds}: give 0 (none) or more.")
+    if not os.path.isdir(os.path.join(args.world_dir, "sd")):
+        parser.error(f"--world_dir {args.world_dir}: no sd folder (the VAE and the base model the probe reads); build the world first (python -m benchmarks.efficacy.pretrain).")
     missing = [c for c in args.captioners if not os.path.isdir(c)]
     if missing:
         parser.error(f"--captioners: no captioner folder {', '.join(missing)}; build the world first (python -m benchmarks.efficacy.pretrain).")
@@ -185,6 +209,8 @@ def main(argv=None):
             curve = " ".join(f"{value:.2f}" for value in entry["mean_loss"])
             print(f"{reward} | {name}: ridge on {100 * entry['ridge_share']:.0f}% (height {entry['ridge_height']:.2f}), "
                   f"cosine at the swap {entry['cosine_at_swap']:+.3f} ± {entry['cosine_at_swap_sd']:.3f}; loss {curve}")
+    for reward, entry in results["in_latents"].items():
+        print(f"{reward} | in the VAE's latents: cosine at the swap {entry['cosine_at_swap']:+.3f} ± {entry['cosine_at_swap_sd']:.3f}")
     if args.sample_seeds:
         print(f"the base model's samples read as the swap: {results['swapped_samples']} of {results['prompts'] * args.sample_seeds}")
         for reward, entry in results["at_samples"].items():
