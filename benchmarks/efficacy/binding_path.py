@@ -69,23 +69,28 @@ def _cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
+def probe_scenes(prompts, layouts, seed):
+    """(prompt, :func:`scenes`) for each prompt on ``layouts`` random layouts drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    for prompt in prompts:
+        for _ in range(layouts):
+            yield prompt, scenes(prompt, world.random_layout(2, rng))
+
+
 def landscape(scorer, prompts, layouts=4, seed=0):
     """What ``scorer`` (a Concept Matching scorer: ``loss(images, prompts, reduction)``) says between each prompt's
     swap and its truth: the loss along each path, ridges, and the descent direction at the swap."""
-    rng = np.random.default_rng(seed)
     losses = {name: [] for name in PATHS}
     cosines = {name: [] for name in PATHS}
-    for prompt in prompts:
-        for _ in range(layouts):
-            scene = scenes(prompt, world.random_layout(2, rng))
-            paths = path_points(scene)
-            with torch.no_grad():
-                for name, points in paths.items():
-                    losses[name].append([scorer.loss(x, [prompt], reduction="sum").item() for x in points])
-            swap = scene["swap"].clone().requires_grad_(True)
-            gradient, = torch.autograd.grad(scorer.loss(swap, [prompt], reduction="sum"), swap)
-            for name, points in paths.items():  # the first leg's direction: its first step from the swap
-                cosines[name].append(_cosine(-gradient, points[1] - points[0]))
+    for prompt, scene in probe_scenes(prompts, layouts, seed):
+        paths = path_points(scene)
+        with torch.no_grad():
+            for name, points in paths.items():
+                losses[name].append([scorer.loss(x, [prompt], reduction="sum").item() for x in points])
+        swap = scene["swap"].clone().requires_grad_(True)
+        gradient, = torch.autograd.grad(scorer.loss(swap, [prompt], reduction="sum"), swap)
+        for name, points in paths.items():  # the first leg's direction: its first step from the swap
+            cosines[name].append(_cosine(-gradient, points[1] - points[0]))
     result = {}
     for name in PATHS:
         curves = np.array(losses[name])
@@ -99,17 +104,14 @@ def landscape(scorer, prompts, layouts=4, seed=0):
 def in_latents(scorer, vae, prompts, layouts=4, seed=0):
     """The cosine, in ``vae``'s latent space, of the descent direction of ``scorer`` at each swap's latent (decoded and
     scored) with the way to its truth's latent, on :func:`landscape`'s layouts (the same ``seed``)."""
-    rng = np.random.default_rng(seed)
     cosines = []
-    for prompt in prompts:
-        for _ in range(layouts):
-            scene = scenes(prompt, world.random_layout(2, rng))
-            with torch.no_grad():
-                swap, truth = (vae.encode(scene[kind] * 2 - 1).latent_dist.mean for kind in ("swap", "truth"))
-            latent = swap.clone().requires_grad_(True)
-            image = (vae.decode(latent).sample / 2 + 0.5).clamp(0, 1)
-            gradient, = torch.autograd.grad(scorer.loss(image, [prompt], reduction="sum"), latent)
-            cosines.append(_cosine(-gradient, truth - swap))
+    for prompt, scene in probe_scenes(prompts, layouts, seed):
+        with torch.no_grad():
+            swap, truth = (vae.encode(scene[kind] * 2 - 1).latent_dist.mean for kind in ("swap", "truth"))
+        latent = swap.clone().requires_grad_(True)
+        image = (vae.decode(latent).sample / 2 + 0.5).clamp(0, 1)
+        gradient, = torch.autograd.grad(scorer.loss(image, [prompt], reduction="sum"), latent)
+        cosines.append(_cosine(-gradient, truth - swap))
     return dict(cosine_at_swap=float(np.mean(cosines)), cosine_at_swap_sd=float(np.std(cosines)))
 
 
